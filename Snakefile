@@ -1,0 +1,38 @@
+# vlmrel: how far the answers of vision and vision-language models can be trusted.
+#
+#   snakemake -c2 --configfile config/demo.yaml            # everything the config's chains ask for
+#   snakemake -c2 --configfile config/demo.yaml mcdo       # one chain (targets below)
+#   snakemake -n / --rulegraph / --dag / --report report.html
+#
+# Rules are wiring; the logic lives in src/vlmrel (see DESIGN.md).
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/images.smk"
+include: "rules/mcdo.smk"
+
+
+report: "report/workflow.rst"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),
+
+
+rule mcdo:
+    input:
+        mcdo_targets(),
+
+
+rule phase1:
+    input:
+        phase1_targets(),
