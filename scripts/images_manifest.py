@@ -11,6 +11,11 @@ else:
     paths = list_images(p.root, p.glob, p.limit, p.subset_seed)
 manifest = build_manifest(p.root, paths, snakemake.output[0], max_pixels=p.max_pixels)
 rejected = manifest[manifest["status"] != "ok"]
-log.info("manifest: %d images, %d accepted, %d rejected", len(manifest), len(manifest) - len(rejected), len(rejected))
+log.info(
+    "manifest: %d images, %d accepted, %d rejected",
+    len(manifest),
+    len(manifest) - len(rejected),
+    len(rejected),
+)
 for row in rejected.itertuples():
     log.warning("rejected %s: %s", row.rel_path, row.reason)

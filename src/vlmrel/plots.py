@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlmrel.io import atomic_path  # noqa: E402
@@ -16,7 +17,11 @@ from vlmrel.reliability import THRESHOLDS  # noqa: E402
 from vlmrel.summary import SPACES, Trials  # noqa: E402
 
 _METRICS = (
-    ("spearman_median", "median pairwise Spearman", (THRESHOLDS["spearman_marginal"], THRESHOLDS["spearman_usable"])),
+    (
+        "spearman_median",
+        "median pairwise Spearman",
+        (THRESHOLDS["spearman_marginal"], THRESHOLDS["spearman_usable"]),
+    ),
     ("icc", "ICC(1,1)", (THRESHOLDS["icc_usable"],)),
     ("snr", "SNR", (THRESHOLDS["snr_marginal"], THRESHOLDS["snr_usable"])),
 )
@@ -47,7 +52,9 @@ def reliability_vs_T(summary: dict, path: str | os.PathLike[str], dpi: int = 120
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if key == "snr":
-            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(
         f"{summary['model']}: reliability of the MC-dropout trace across {summary['n_trials']} trials "
