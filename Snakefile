@@ -17,6 +17,9 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/images.smk"
 include: "rules/mcdo.smk"
+include: "rules/anomaly.smk"
+include: "rules/teacher.smk"
+include: "rules/grounding.smk"
 
 
 report: "report/workflow.rst"
@@ -25,14 +28,41 @@ report: "report/workflow.rst"
 rule all:
     default_target: True
     input:
-        all_targets(),
+        static_targets(),
+        gated_targets,
 
 
-rule mcdo:
+rule exp0:
     input:
-        mcdo_targets(),
+        exp0_targets(),
 
 
 rule phase1:
     input:
         phase1_targets(),
+
+
+rule phase2:
+    input:
+        phase2_targets,
+
+
+rule mcdo:
+    input:
+        phase1_targets(),
+        phase2_targets,
+
+
+rule anomaly:
+    input:
+        anomaly_targets(),
+
+
+rule teacher:
+    input:
+        teacher_targets(),
+
+
+rule grounding:
+    input:
+        grounding_targets(),

@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from vlmrel.images import list_images
+from vlmrel.io import read_json
 from vlmrel.models import REGISTRY, preprocess_spec
 from vlmrel.pixels import preproc_key
 
@@ -16,6 +17,7 @@ RUN = config["run"]
 RESULTS = f"results/{RUN}"
 MCDO = config["mcdo"]
 EXP0 = MCDO["exp0"]
+
 GPU = 1 if config["device"].startswith("cuda") else 0
 DEMO_IMAGES = config["images"]["source"] == "demo"
 
@@ -31,8 +33,17 @@ def fmt_p(p):
     return f"{float(p):g}"
 
 
+# mcdo experiments. Trial experiments store traces (trial{k}.npz); geometry experiments store
+# the per-image covariance geometry of the same passes (geometry{k}.npz).
+PHASE1 = [e for e in ("exp0", "exp0b", "exp4_subset", "exp5_subset") if e in MCDO]
+PHASE2 = [e for e in ("exp1", "exp2", "exp3", "exp4_full", "exp5_full") if e in MCDO]
+TRIAL_EXPS = ("exp0", "convergence", "exp1", "exp2", "exp3", "exp5_subset", "exp5_full")
+GEOMETRY_EXPS = ("exp0b", "exp4_subset", "exp4_full")
+EXPERIMENTS = [e for e in (*TRIAL_EXPS, *GEOMETRY_EXPS) if e in MCDO]
+FORCE_PHASE2 = MCDO.get("gate", {}).get("force_phase2", False)
+
 # Models that preprocess identically share one pixel file, keyed by the preprocessing signature.
-MODELS_USED = list(dict.fromkeys(EXP0["models"]))
+MODELS_USED = list(dict.fromkeys(m for e in EXPERIMENTS for m in MCDO[e]["models"]))
 PREPROC_OF = {m: preproc_key(preprocess_spec(m)) for m in MODELS_USED}
 SPEC_OF_PREPROC = {PREPROC_OF[m]: preprocess_spec(m) for m in MODELS_USED}
 
@@ -43,6 +54,8 @@ wildcard_constraints:
     preproc="|".join(map(re.escape, SPEC_OF_PREPROC)) or "NONE",
     k=r"\d+",
     p=r"[0-9][0-9.e-]*",
+    exp="|".join(EXPERIMENTS),
+    kind="input|dropconnect|gaussian",
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -72,36 +85,184 @@ def pixels_for_model(wildcards):
 # ---- mcdo ---------------------------------------------------------------------------------------
 
 
-def exp0_trials(wildcards):
-    return exp0_trials_by_model(wildcards)[wildcards.model]
+def exp_p(exp):
+    return MCDO[exp].get("p", EXP0["p"])
 
 
-def exp0_trials_by_model(wildcards):
-    """Trial files of every exp0 model, keyed by model (the score-distribution figure reads them all)."""
-    return {
-        m: expand("{results}/mcdo/exp0/{m}/p{p}/trial{k}.npz", results=RESULTS, m=m, p=fmt_p(EXP0["p"]), k=range(EXP0["trials"]))
-        for m in MODELS_USED
-    }
+def exp_rates(exp):
+    return MCDO[exp]["rates"] if exp == "exp1" else [exp_p(exp)]
 
 
-def exp0_summaries(wildcards=None):
-    return expand("{results}/mcdo/exp0/{model}/summary.json", results=RESULTS, model=MODELS_USED)
+def exp_kinds(exp):
+    return MCDO[exp]["kinds"] if exp == "exp3" else [MCDO["dropout_kind"]]
 
 
-def exp0_figures():
-    return expand(
-        "{results}/figures/mcdo/exp0_reliability_{model}.png", results=RESULTS, model=MODELS_USED
-    ) + [f"{RESULTS}/figures/mcdo/exp0_scores.png"]
+def run_files(exp, model, stem):
+    """Every trial (or geometry) file of one experiment and model, grouped by what varies:
+    the dropout rate for exp1, the dropout kind for exp3, nothing otherwise."""
+    groups = {}
+    for kind in exp_kinds(exp):
+        for i, rate in enumerate(exp_rates(exp)):
+            group = "trials"
+            if exp == "exp1":  # a rate listed twice is a replicate arm ('p0.01_rep2')
+                group = f"p{fmt_p(rate)}"
+                n = [fmt_p(r) for r in exp_rates(exp)[: i + 1]].count(fmt_p(rate))
+                group += f"_rep{n}" if n > 1 else ""
+            elif exp == "exp3":
+                group = kind
+            groups.setdefault(group, []).extend(
+                f"{RESULTS}/mcdo/{exp}/{model}/{kind}/p{fmt_p(rate)}/{stem}{k}.npz"
+                for k in range(MCDO[exp]["trials"])
+            )
+    return groups
 
 
-def mcdo_targets():
-    return [f"{RESULTS}/mcdo/exp0/overall_summary.json", *exp0_figures()]
+def trial_files(wildcards):
+    return run_files(wildcards.exp, wildcards.model, "trial")["trials"]
+
+
+def trial_groups(wildcards):
+    return run_files(wildcards.exp, wildcards.model, "trial")
+
+
+def geometry_files(wildcards):
+    return run_files(wildcards.exp, wildcards.model, "geometry")["trials"]
+
+
+def trials_by_model(wildcards):
+    """exp0 trial files of every model, keyed by model (the score-distribution figure)."""
+    return {m: run_files("exp0", m, "trial")["trials"] for m in MCDO["exp0"]["models"]}
+
+
+def geometry_by_model(wildcards):
+    return {m: run_files(wildcards.exp, m, "geometry")["trials"] for m in MCDO[wildcards.exp]["models"]}
+
+
+def figure_runs(wildcards):
+    """The trial (or, for exp4, geometry) files a per-model figure reads, flat."""
+    stem = "geometry" if wildcards.exp in GEOMETRY_EXPS else "trial"
+    return [f for files in run_files(wildcards.exp, wildcards.model, stem).values() for f in files]
+
+
+def exp_rate(wildcards):
+    return exp_p(wildcards.exp)
+
+
+def exp_settings(wildcards):
+    return MCDO[wildcards.exp]
+
+
+def exp_T(wildcards):
+    return sorted(MCDO[wildcards.exp]["T"])
+
+
+def exp_num_images(wildcards):
+    """exp2's pixel file already holds only its images (natural + synthetic): use all of it."""
+    return None if wildcards.exp == "exp2" else MCDO[wildcards.exp].get("num_images")
+
+
+def exp_setting(key):
+    """A param function reading one key of the wildcard's experiment config."""
+    return lambda wildcards: MCDO[wildcards.exp].get(key)
+
+
+def run_pixels(wildcards):
+    """exp2 runs on natural + synthetic images; every other experiment on the natural ones."""
+    sub = "synthetic/" if wildcards.exp == "exp2" else ""
+    return f"{RESULTS}/pixels/{sub}{PREPROC_OF[wildcards.model]}.h5"
+
+
+def model_summaries(wildcards):
+    return expand("{results}/mcdo/{exp}/{model}/summary.json", results=RESULTS, exp=wildcards.exp, model=MCDO[wildcards.exp]["models"])
+
+
+def exp_outputs(exp):
+    """The files that complete one experiment: summaries and figures."""
+    models = MCDO[exp]["models"]
+    out = expand("{r}/mcdo/{exp}/{model}/summary.json", r=RESULTS, exp=exp, model=models)
+    fig = f"{RESULTS}/figures/mcdo/{exp}"
+    if exp == "exp0":
+        out += [f"{RESULTS}/mcdo/exp0/overall_summary.json", f"{fig}_scores.png"]
+        out += expand("{fig}_reliability_{model}.png", fig=fig, model=models)
+    elif exp == "convergence":
+        out += [f"{RESULTS}/mcdo/convergence/overall_summary.json"]
+        out += expand("{fig}_{model}.png", fig=fig, model=models)
+    elif exp == "exp0b":
+        out += [f"{fig}_geometry.png"]
+    elif exp in ("exp5_subset", "exp5_full"):
+        out += [f"{RESULTS}/mcdo/{exp}/{exp}_overall_summary.json"]
+        out += expand("{fig}_ambiguity_{model}.png", fig=fig, model=models)
+    else:  # exp1, exp2, exp3, exp4_*: one figure per model
+        out += expand("{fig}_{model}.png", fig=fig, model=models)
+    return out
+
+
+def exp0_targets():
+    return exp_outputs("exp0")
 
 
 def phase1_targets():
-    return mcdo_targets()
+    return [t for e in PHASE1 for t in exp_outputs(e)] + [f"{RESULTS}/mcdo/gate.json"]
 
 
-def all_targets():
-    targets = {"mcdo": mcdo_targets}
+def final_gate(wildcards):
+    """gate.json, or the gate after the convergence sweep when the first gate asked for one."""
+    gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
+    if gate["decision"] == "convergence_sweep" and not gate["run_phase2"] and "convergence" in MCDO:
+        return checkpoints.mcdo_gate_sweep.get(run=RUN).output[0]
+    return f"{RESULTS}/mcdo/gate.json"
+
+
+def phase2_targets(wildcards):
+    """Data-dependent: Phase 2 enters the DAG only when the gate (or the config's force flag) says so."""
+    gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
+    targets = [f"{RESULTS}/mcdo/gate.json"]
+    if gate["decision"] == "convergence_sweep" and "convergence" in MCDO:
+        targets += exp_outputs("convergence")
+    final = read_json(final_gate(wildcards))
+    if final["run_phase2"]:
+        targets += [t for e in PHASE2 for t in exp_outputs(e)]
+    else:
+        targets.append(f"{RESULTS}/mcdo/phase2_not_run.md")
+    return targets
+
+
+# `all` builds every chain in config["chains"]: the static targets are listed up front (a dry run shows
+# their jobs); the mcdo chain's Phase 2 comes from the gate checkpoint once it has run.
+def anomaly_targets():
+    out = f"{RESULTS}/anomaly"
+    targets = [
+        f"{out}/{name}"
+        for name in (
+            "metrics.json",
+            "per_image.tsv",
+            "threshold_sensitivity.tsv",
+            "subsampling.tsv",
+            "comparison.csv",
+            "comparison.md",
+            "figures/roc_pr.png",
+            "figures/threshold_sensitivity.png",
+            "figures/subsampling.png",
+        )
+    ]
+    if config["anomaly"]["classification"]["source"] != "none":
+        targets.append(f"{out}/classification/metrics.json")
+    return targets
+
+
+def static_targets():
+    targets = {
+        "mcdo": phase1_targets,
+        "anomaly": anomaly_targets,
+        "teacher": teacher_targets,
+        "grounding": grounding_targets,
+    }
     return [t for chain in config["chains"] for t in targets[chain]()]
+
+
+def gated_targets(wildcards):
+    return phase2_targets(wildcards) if "mcdo" in config["chains"] else []
+
+
+include: "common_teacher.smk"
+include: "common_grounding.smk"

@@ -1,4 +1,5 @@
-"""One MC-dropout trial: T_max stochastic passes per image, trace snapshots at every T."""
+"""One MC-dropout trial: T_max stochastic passes per image, trace snapshots at every T
+(and, for geometry experiments, the per-image covariance geometry of the same passes)."""
 
 import torch
 
@@ -15,6 +16,12 @@ n = n_total if p.num_images is None else min(p.num_images, n_total)
 if p.num_images is not None and n < p.num_images:
     log.warning("num_images=%d asked, only %d accepted images in %s", p.num_images, n, snakemake.input.pixels)
 
+collector = None
+if p.geometry:
+    from vlmrel.geometry import GeometryCollector, save_geometry
+
+    collector = GeometryCollector(n, max(p.T))
+
 encoder = load_encoder(w.model, device=p.device, precision=p.precision)
 result = run_trial(
     encoder,
@@ -23,8 +30,19 @@ result = run_trial(
     seed=p.seed,
     trial=int(w.k),
     T_list=sorted(p.T),
-    kind=p.kind,
+    kind=w.kind,
+    on_pass=collector.on_pass if collector else None,
 )
-meta = {"experiment": "exp0", "model": w.model, "p": float(w.p), "seed": p.seed, "trial": int(w.k)}
-save_trial(snakemake.output[0], result, meta)
-log.info("trial %s of %s: %d images, T=%s", w.k, w.model, len(result.image_id), result.T)
+meta = {
+    "experiment": w.exp,
+    "model": w.model,
+    "p": float(w.p),
+    "seed": p.seed,
+    "trial": int(w.k),
+    "kind": w.kind,
+}
+if collector:
+    save_geometry(snakemake.output[0], collector.result(), result.image_id, {**result.meta, **meta})
+else:
+    save_trial(snakemake.output[0], result, meta)
+log.info("%s trial %s of %s: %d images, T=%s", w.exp, w.k, w.model, len(result.image_id), result.T)

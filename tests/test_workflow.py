@@ -41,9 +41,35 @@ def test_bad_config_stops_with_a_message_naming_the_key(tmp_path, mutate, needle
 # ---- dry runs -------------------------------------------------------------------------------
 
 
+def _phase1_counts(mcdo: dict) -> dict[str, int]:
+    """The Phase 1 jobs of an mcdo config, computed from it (the gate hides Phase 2 in a dry run)."""
+
+    def jobs(exp: str) -> int:
+        return len(mcdo[exp]["models"]) * mcdo[exp]["trials"] if exp in mcdo else 0
+
+    def models(exp: str) -> int:
+        return len(mcdo[exp]["models"]) if exp in mcdo else 0
+
+    return {
+        "mcdo_trial": jobs("exp0") + jobs("exp5_subset"),
+        "mcdo_geometry": jobs("exp0b") + jobs("exp4_subset"),
+        "mcdo_summary": models("exp0"),
+        "mcdo_overall": 1,
+        "mcdo_figure_reliability": models("exp0"),
+        "mcdo_figure_scores": 1,
+        "mcdo_geometry_summary": models("exp0b") + models("exp4_subset"),
+        "mcdo_figure_geometry": 1 if "exp0b" in mcdo else 0,
+        "mcdo_figure_experiment": models("exp4_subset"),
+        "mcdo_ambiguity": models("exp5_subset"),
+        "mcdo_ambiguity_overall": 1 if "exp5_subset" in mcdo else 0,
+        "mcdo_figure_ambiguity": models("exp5_subset"),
+        "mcdo_gate": 1,
+    }
+
+
 def test_demo_dry_run_lists_the_expected_jobs(tmp_path):
     cfg = load_config()
-    k = cfg["mcdo"]["exp0"]["trials"]
+    cfg["chains"] = ["mcdo"]
     proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", cfg), "-n")
     counts = job_counts(proc.stdout)
     assert counts == {
@@ -51,12 +77,9 @@ def test_demo_dry_run_lists_the_expected_jobs(tmp_path):
         "demo_images": 1,
         "manifest": 1,
         "pixels": 2,  # tiny_clip and tiny_siglip preprocess differently
-        "mcdo_trial": 2 * k,
-        "mcdo_summary": 2,
-        "mcdo_overall": 1,
-        "mcdo_figure_reliability": 2,
-        "mcdo_figure_scores": 1,
+        **{rule: n for rule, n in _phase1_counts(cfg["mcdo"]).items() if n},
     }
+    assert counts["mcdo_trial"] == 2 * 4 + 2 * 1 and counts["mcdo_geometry"] == 3 + 2 * 3
 
 
 def test_full_config_dry_run_at_the_seeds_scale(tmp_path):
@@ -68,17 +91,22 @@ def test_full_config_dry_run_at_the_seeds_scale(tmp_path):
     cfg["images"]["source"] = str(tmp_path / "imagenet_val")
     proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", cfg), "-n", "mcdo")
     counts = job_counts(proc.stdout)
-    models = cfg["mcdo"]["exp0"]["models"]  # clip_b32, siglip2_b16, siglip2_so400m
-    assert counts["pixels"] == 3  # crop224, squash224, squash384
-    assert counts["mcdo_trial"] == len(models) * cfg["mcdo"]["exp0"]["trials"] == 30
-    assert counts["mcdo_summary"] == 3 and counts["mcdo_figure_reliability"] == 3
+    mcdo = cfg["mcdo"]
+    assert counts["pixels"] == 3  # crop224 (CLIP), squash224 (SigLIP2-B/16), squash384 (So400m)
+    assert len(mcdo["exp0"]["models"]) * mcdo["exp0"]["trials"] == 30  # the seed: 3 models x K=10
+    expected = _phase1_counts(mcdo)
+    assert {rule: counts.get(rule, 0) for rule in expected} == expected
+    # Phase 2 waits for the gate: none of its jobs is in the DAG before the gate has run
+    assert "mcdo_group_summary" not in counts and "pixels_synthetic" not in counts
     assert "demo_images" not in counts
 
 
 def test_models_with_identical_preprocessing_share_one_pixel_file(tmp_path):
     cfg = load_config()
-    cfg["mcdo"]["exp0"]["models"] = ["clip_b32", "clip_l14"]
-    proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", cfg), "-n", "mcdo")
+    cfg["chains"] = ["mcdo"]
+    for exp in ("exp0", "exp0b", "exp4_subset", "exp5_subset"):
+        cfg["mcdo"][exp]["models"] = ["clip_b32", "clip_l14"]
+    proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", cfg), "-n", "phase1")
     assert job_counts(proc.stdout)["pixels"] == 1
 
 
@@ -92,13 +120,142 @@ def test_slurm_profile_dry_run(tmp_path):
         str(tmp_path / "profiles" / "slurm"),
         "-n",
     )
-    assert job_counts(proc.stdout)["mcdo_trial"] == 2 * cfg["mcdo"]["exp0"]["trials"]
+    assert job_counts(proc.stdout)["mcdo_trial"] == _phase1_counts(cfg["mcdo"])["mcdo_trial"]
 
 
 def test_rulegraph(tmp_path):
     proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", load_config()), "--rulegraph")
-    for rule in ("manifest", "pixels", "mcdo_trial", "mcdo_summary", "mcdo_overall"):
+    for rule in ("manifest", "pixels", "mcdo_trial", "mcdo_summary", "mcdo_overall", "mcdo_gate"):
         assert rule in proc.stdout
+
+
+# ---- the gate: a data-dependent DAG ---------------------------------------------------------
+
+
+def _gate_config() -> dict:
+    """A small mcdo config whose gate fails (T <= 4, K = 2, 8 images) and a small Phase 2 behind it."""
+    cfg = load_config()
+    cfg["chains"] = ["mcdo"]
+    mcdo = cfg["mcdo"]
+    for exp in ("exp2", "exp4_full", "exp5_full", "convergence"):
+        mcdo.pop(exp)
+
+    def small(T, trials):
+        return {"models": ["tiny_clip"], "T": T, "trials": trials, "num_images": 8}
+
+    mcdo["exp0"] = {**small([2, 4], 2), "p": 0.01}
+    mcdo["exp0b"] = small([4], 2)
+    mcdo["exp4_subset"] = small([4], 2)
+    mcdo["exp5_subset"] = {**small([4], 1), "class_names": "demo"}
+    mcdo["gate"] = {"force_phase2": False}
+    mcdo["exp1"] = {**small([4], 2), "rates": [0.01, 0.01, 0.05]}  # 0.01 twice: a replicate arm
+    mcdo["exp3"] = {**small([8], 2), "kinds": ["input", "gaussian"]}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def gate_run(tmp_path_factory):
+    """phase2 on a failing gate; then the force flag (dry run, then the real run)."""
+    work = tmp_path_factory.mktemp("gate")
+    cfg = _gate_config()
+    configfile = write_config(work / "c.yaml", cfg)
+    mcdo = work / "results" / cfg["run"] / "mcdo"
+    state = {"failed": snakemake(work, configfile, "phase2")}
+    state["gate"] = json.loads((mcdo / "gate.json").read_text())
+    state["note"] = (mcdo / "phase2_not_run.md").read_text()
+    state["dirs"] = sorted(p.name for p in mcdo.iterdir() if p.is_dir())
+
+    cfg["mcdo"]["gate"]["force_phase2"] = True
+    write_config(configfile, cfg)
+    snakemake(work, configfile, f"results/{cfg['run']}/mcdo/gate.json")  # the gate reruns: params changed
+    state["forced_dry"] = job_counts(snakemake(work, configfile, "phase2", "-n").stdout)
+    snakemake(work, configfile, "mcdo")
+    return work, cfg, state
+
+
+def test_a_failed_gate_keeps_phase2_out_of_the_dag(gate_run):
+    _, _, state = gate_run
+    assert state["gate"]["decision"] == "negative_result" and state["gate"]["run_phase2"] is False
+    assert "negative result" in state["note"] and "Phase 2 is not run" in state["note"]
+    assert state["dirs"] == ["exp0"]  # nothing of Phase 2 (nor the rest of Phase 1) ran
+    log = state["failed"].stdout + state["failed"].stderr
+    assert "exp=exp1" not in log and "exp=exp3" not in log and "mcdo_group_summary" not in log
+
+
+def test_forcing_phase2_brings_it_into_the_dag(gate_run):
+    work, cfg, state = gate_run
+    # exp1: rates 0.01 (listed twice, one set of files) and 0.05; exp3: input and gaussian; K=2 each
+    assert state["forced_dry"]["mcdo_trial"] == 2 * 2 + 2 * 2
+    assert state["forced_dry"]["mcdo_group_summary"] == 2
+    gate = json.loads((work / "results" / cfg["run"] / "mcdo" / "gate.json").read_text())
+    assert gate["decision"] == "negative_result" and gate["forced"] and gate["run_phase2"]
+
+
+def test_exp1_equal_rates_give_spearman_one(gate_run):
+    work, cfg, _ = gate_run
+    summary = json.loads((work / "results" / cfg["run"] / "mcdo/exp1/tiny_clip/summary.json").read_text())
+    assert summary["arms"] == ["0.01#1", "0.01#2", "0.05"]
+    by_pair = {(p["arm_a"], p["arm_b"]): p["spearman"] for p in summary["pairs"]}
+    assert by_pair[("0.01#1", "0.01#2")] == 1.0
+    assert by_pair[("0.01#1", "0.05")] < 1.0  # another rate draws other masks
+
+
+def test_exp3_matched_gaussian_noise_gives_the_expected_trace_of_input_dropout(gate_run):
+    """Multiplicative N(1, p/(1-p)) noise has the variance of inverted input dropout at rate p, so
+    (to first order in the noise) the same expected trace."""
+    work, cfg, _ = gate_run
+    base = work / "results" / cfg["run"] / "mcdo" / "exp3" / "tiny_clip"
+    mean_trace = {}
+    for kind in ("input", "gaussian"):
+        traces = []
+        for k in range(2):
+            with np.load(base / kind / "p0.01" / f"trial{k}.npz", allow_pickle=False) as z:
+                traces.append(z["trace_pre"][-1])
+        mean_trace[kind] = float(np.mean(traces))
+    assert mean_trace["input"] > 0
+    assert mean_trace["gaussian"] == pytest.approx(mean_trace["input"], rel=0.15), mean_trace
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["types"] == ["input", "gaussian"]
+
+
+def test_angular_variance_matches_a_direct_computation(gate_run):
+    """exp0b's stored angular variance against arccos of the same passes' directions."""
+    import torch
+
+    from vlmrel.mcdo import run_trial
+    from vlmrel.models import load_encoder, preprocess_spec
+    from vlmrel.pixels import iter_batches, preproc_key
+
+    work, cfg, _ = gate_run
+    res = work / "results" / cfg["run"]
+    exp = cfg["mcdo"]["exp0b"]
+    with np.load(res / "mcdo/exp0b/tiny_clip/input/p0.01/geometry0.npz", allow_pickle=False) as z:
+        stored, ids = z["angular_variance"], list(z["image_id"])
+    passes: dict[int, list[np.ndarray]] = {}
+    torch.set_num_threads(cfg["threads"])
+    run_trial(
+        load_encoder("tiny_clip", device="cpu", precision=cfg["mcdo"]["precision"]),
+        iter_batches(
+            res / "pixels" / f"{preproc_key(preprocess_spec('tiny_clip'))}.h5",
+            cfg["mcdo"]["batch_size"],
+            indices=range(exp["num_images"]),
+        ),
+        p=0.01,
+        seed=cfg["mcdo"]["seed"],
+        trial=0,
+        T_list=exp["T"],
+        progress=False,
+        on_pass=lambda start, t, f: passes.setdefault(start, []).append(f.double().numpy()),
+    )
+    feats = np.concatenate([np.stack(v) for _, v in sorted(passes.items())], axis=1)  # [T, N, D]
+    u = feats / np.linalg.norm(feats, axis=2, keepdims=True)
+    m = u.mean(axis=0)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    theta = np.arccos(np.clip(np.einsum("tnd,nd->tn", u, m), -1.0, 1.0))
+    direct = (theta**2).sum(axis=0) / (feats.shape[0] - 1)
+    assert len(ids) == direct.size == exp["num_images"]
+    np.testing.assert_allclose(stored, direct, rtol=1e-5)
+    assert np.all(direct > 0)
 
 
 # ---- the demo, end to end -------------------------------------------------------------------
@@ -106,13 +263,19 @@ def test_rulegraph(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo config run end to end once; later tests change the config and rerun."""
+    """The demo's mcdo chain (Phase 1, the gate, forced Phase 2) run end to end once; later tests
+    change the config and rerun. The other chains have their own workflow tests."""
     work = tmp_path_factory.mktemp("demo")
     cfg = load_config()
+    cfg["chains"] = ["mcdo"]
     configfile = write_config(work / "c.yaml", cfg)
     snakemake(work, configfile)
     snakemake(work, configfile, "--report", str(work / "report.html"))
     return work, cfg
+
+
+def _exp0_trial(res, model: str, k: int):
+    return res / "mcdo" / "exp0" / model / "input" / "p0.01" / f"trial{k}.npz"
 
 
 def test_demo_outputs_follow_their_contracts(demo_run):
@@ -124,7 +287,8 @@ def test_demo_outputs_follow_their_contracts(demo_run):
     assert len(ok) >= 15
 
     pixel_files = sorted((res / "pixels").glob("*.h5"))
-    assert len(pixel_files) == 2
+    assert len(pixel_files) == 2  # tiny_clip and tiny_siglip preprocess differently
+    assert len(list((res / "pixels" / "synthetic").glob("*.h5"))) == 1  # exp2's generated images
     for path in pixel_files:
         with h5py.File(path) as f:
             assert f["pixels"].shape[0] == len(ok) and f["pixels"].shape[1] == 3
@@ -133,7 +297,7 @@ def test_demo_outputs_follow_their_contracts(demo_run):
     T = sorted(cfg["mcdo"]["exp0"]["T"])
     for model in cfg["mcdo"]["exp0"]["models"]:
         for k in range(cfg["mcdo"]["exp0"]["trials"]):
-            with np.load(res / "mcdo" / "exp0" / model / "p0.01" / f"trial{k}.npz", allow_pickle=False) as z:
+            with np.load(_exp0_trial(res, model, k), allow_pickle=False) as z:
                 assert list(z["T"]) == T
                 assert z["trace_pre"].shape == z["trace_post"].shape == (len(T), len(ok))
                 assert np.all(z["trace_pre"] > 0) and np.all(np.isfinite(z["trace_post"]))
@@ -147,12 +311,36 @@ def test_demo_outputs_follow_their_contracts(demo_run):
 
     overall = json.loads((res / "mcdo" / "exp0" / "overall_summary.json").read_text())
     assert set(overall["models"]) == set(cfg["mcdo"]["exp0"]["models"])
-    for png in [*(res / "figures" / "mcdo").glob("*.png")]:
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list((res / "figures" / "mcdo").glob("*.png"))) == 3
+    gate = json.loads((res / "mcdo" / "gate.json").read_text())
+    assert gate["forced"] and gate["run_phase2"]  # the demo forces Phase 2
+
+    # Phase 1 and Phase 2: every experiment's summary and figure
+    for exp in ("exp0b", "exp4_subset", "exp5_subset", "exp1", "exp2", "exp3", "exp4_full", "exp5_full"):
+        for model in cfg["mcdo"][exp]["models"]:
+            summary = json.loads((res / "mcdo" / exp / model / "summary.json").read_text())
+            assert summary.get("experiment", exp) == exp
+    exp2 = json.loads((res / "mcdo/exp2/tiny_clip/summary.json").read_text())
+    assert set(exp2["kinds"]) == set(cfg["mcdo"]["exp2"]["kinds"])
+    amb = json.loads((res / "mcdo/exp5_subset/exp5_subset_overall_summary.json").read_text())
+    assert set(amb["models"]) == set(cfg["mcdo"]["exp5_subset"]["models"])
+    figures = sorted(p.name for p in (res / "figures" / "mcdo").glob("*.png"))
+    for png in figures:
+        assert (res / "figures" / "mcdo" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in (
+        "exp0_scores.png",
+        "exp0b_geometry.png",
+        "exp1_tiny_clip.png",
+        "exp2_tiny_clip.png",
+        "exp3_tiny_clip.png",
+        "exp4_full_tiny_siglip.png",
+        "exp5_subset_ambiguity_tiny_clip.png",
+    ):
+        assert name in figures
     html = (work / "report.html").read_text(errors="replace")
-    assert "exp0_reliability_tiny_clip.png" in html
-    assert (res / "logs" / "mcdo" / "exp0" / "tiny_clip" / "p0.01" / "trial0.log").stat().st_size > 0
+    assert "exp0_reliability_tiny_clip.png" in html and "exp3_tiny_clip.png" in html
+    assert (
+        res / "logs" / "mcdo" / "exp0" / "tiny_clip" / "input" / "p0.01" / "trial0.log"
+    ).stat().st_size > 0
 
 
 def test_a_complete_run_has_nothing_left_to_do(demo_run):
@@ -176,16 +364,17 @@ def test_rebuild_only_what_changed(demo_run):
     changed = {p for p, t in _mtimes(res).items() if before.get(p) != t}
     assert changed and all(p.suffix == ".png" for p in changed), sorted(map(str, changed))
 
-    # one more trial: the new trial, summaries and figures rerun; pixel tensors and old trials do not
+    # one more exp0 trial: the new trials, summaries and figures rerun; pixel tensors, old trials and
+    # the other experiments' trials do not
     before = _mtimes(res)
     k = cfg["mcdo"]["exp0"]["trials"]
     cfg["mcdo"]["exp0"]["trials"] = k + 1
     snakemake(work, write_config(work / "c.yaml", cfg))
     changed = {p for p, t in _mtimes(res).items() if before.get(p) != t}
     names = {os.path.relpath(p, res) for p in changed}
-    assert {f"mcdo/exp0/{m}/p0.01/trial{k}.npz" for m in cfg["mcdo"]["exp0"]["models"]} <= names
+    assert {os.path.relpath(_exp0_trial(res, m, k), res) for m in cfg["mcdo"]["exp0"]["models"]} <= names
     assert {f"mcdo/exp0/{m}/summary.json" for m in cfg["mcdo"]["exp0"]["models"]} <= names
     assert "mcdo/exp0/overall_summary.json" in names
     assert any(n.startswith("figures/") for n in names)
     assert not any(n.startswith(("pixels/", "images/")) for n in names), sorted(names)
-    assert not any(n.endswith("trial0.npz") for n in names)
+    assert not any(n.endswith(("trial0.npz", "geometry0.npz")) for n in names), sorted(names)

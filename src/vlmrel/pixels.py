@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,27 +148,66 @@ def _write_chunk(ds: Any, start: int, block: np.ndarray) -> None:
     ds[start : start + len(block)] = block
 
 
-def write_pixels(
-    manifest_tsv: str | os.PathLike[str],
-    root: str | os.PathLike[str],
+def iter_manifest_images(
+    manifest_tsv: str | os.PathLike[str], root: str | os.PathLike[str]
+) -> tuple[list[str], Iterator[Image.Image]]:
+    """The ``ok`` image ids of a manifest, in order, and a generator decoding their images.
+
+    Each file's content hash is checked against its manifest image_id, so an image changed
+    since the manifest was built is an error, not silently different pixels.
+    """
+    from vlmrel.images import ImageRejected, content_id, decode_rgb, read_manifest
+
+    rows = read_manifest(manifest_tsv, ok_only=True)
+    if len(rows) == 0:
+        raise ValueError(
+            f"manifest {os.fspath(manifest_tsv)!r} has no images with status 'ok'; nothing to preprocess"
+        )
+    ids = rows["image_id"].tolist()
+    rels = rows["rel_path"].tolist()
+    root_p = Path(root)
+
+    def images() -> Iterator[Image.Image]:
+        for image_id, rel in zip(ids, rels, strict=True):
+            path = root_p / rel
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise FileNotFoundError(
+                    f"image {str(path)!r} listed in the manifest cannot be read: {exc}"
+                ) from exc
+            if content_id(data) != image_id:
+                raise ValueError(
+                    f"image {str(path)!r} changed since the manifest {os.fspath(manifest_tsv)!r} was built "
+                    f"(content hash {content_id(data)} != image_id {image_id}); rebuild the manifest"
+                )
+            try:
+                yield decode_rgb(data, str(path), None)  # vetted by the manifest (same bytes)
+            except ImageRejected as exc:
+                raise ValueError(f"image accepted by the manifest no longer decodes: {exc}") from exc
+
+    return ids, images()
+
+
+def write_pixel_images(
+    ids: Sequence[str],
+    images: Iterable[Image.Image],
     spec: Mapping[str, Any],
     out_h5: str | os.PathLike[str],
     chunk_size: int = 32,
     progress: bool = True,
 ) -> Path:
-    """Preprocess every ``ok`` image of the manifest, in manifest order, into ``out_h5``.
+    """Preprocess ``images`` (one per id, in order) into ``out_h5``, ``chunk_size`` at a time.
 
     Datasets: ``pixels`` [N, 3, S, S] float32 (HDF5-chunked along N) and ``image_id`` [N]
     (UTF-8 strings); attrs ``spec`` (JSON), ``preproc_key``, ``n_images``, ``vlmrel_version``.
-    Images are decoded, preprocessed and written ``chunk_size`` at a time, so memory does not
-    grow with N. Each file's content hash is checked against the manifest's image_id. The
-    file appears atomically; on any error no partial output is left.
+    Memory does not grow with N. The file appears atomically; on any error no partial output
+    is left.
     """
     import h5py
     from tqdm.auto import tqdm
 
     import vlmrel
-    from vlmrel.images import ImageRejected, content_id, decode_rgb, read_manifest
     from vlmrel.io import atomic_path
 
     if isinstance(chunk_size, bool) or int(chunk_size) < 1:
@@ -176,18 +215,14 @@ def write_pixels(
     chunk_size = int(chunk_size)
     s = validate_spec(spec)
     key = preproc_key(s)
-    rows = read_manifest(manifest_tsv, ok_only=True)
-    n = len(rows)
+    ids = [str(i) for i in ids]
+    n = len(ids)
     if n == 0:
-        raise ValueError(
-            f"manifest {os.fspath(manifest_tsv)!r} has no images with status 'ok'; nothing to preprocess"
-        )
-    root_p = Path(root)
+        raise ValueError(f"no images to write to {os.fspath(out_h5)!r}")
     size = s["size"]
     row_bytes = 3 * size * size * 4
     h5_rows = max(1, min(chunk_size, n, _MAX_H5_CHUNK_BYTES // row_bytes))
-    ids = rows["image_id"].tolist()
-    rels = rows["rel_path"].tolist()
+    image_iter = iter(images)
 
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f:
         ds = f.create_dataset(
@@ -202,29 +237,33 @@ def write_pixels(
         block = np.empty((min(chunk_size, n), 3, size, size), dtype=np.float32)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            for j, i in enumerate(range(start, stop)):
-                path = root_p / rels[i]
+            for j in range(stop - start):
                 try:
-                    data = path.read_bytes()
-                except OSError as exc:
-                    raise FileNotFoundError(
-                        f"image {str(path)!r} listed in the manifest cannot be read: {exc}"
-                    ) from exc
-                if content_id(data) != ids[i]:
+                    img = next(image_iter)
+                except StopIteration:
                     raise ValueError(
-                        f"image {str(path)!r} changed since the manifest {os.fspath(manifest_tsv)!r} was built "
-                        f"(content hash {content_id(data)} != image_id {ids[i]}); rebuild the manifest"
-                    )
-                try:
-                    img = decode_rgb(data, str(path), None)  # vetted by the manifest (same bytes)
-                except ImageRejected as exc:
-                    raise ValueError(f"image accepted by the manifest no longer decodes: {exc}") from exc
+                        f"{n} image ids but only {start + j} images for {os.fspath(out_h5)!r}"
+                    ) from None
                 block[j] = preprocess(img, s)
                 bar.update(1)
             _write_chunk(ds, start, block[: stop - start])
         bar.close()
     log.info("wrote %d images to %s (%s)", n, out_h5, key)
     return Path(out_h5)
+
+
+def write_pixels(
+    manifest_tsv: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    spec: Mapping[str, Any],
+    out_h5: str | os.PathLike[str],
+    chunk_size: int = 32,
+    progress: bool = True,
+) -> Path:
+    """Preprocess every ``ok`` image of the manifest, in manifest order, into ``out_h5``
+    (see ``write_pixel_images`` for the file layout)."""
+    ids, images = iter_manifest_images(manifest_tsv, root)
+    return write_pixel_images(ids, images, spec, out_h5, chunk_size=chunk_size, progress=progress)
 
 
 # --------------------------------------------------------------------------- reading

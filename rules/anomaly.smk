@@ -1,0 +1,370 @@
+# anomaly: logits + labels -> anomaly scores -> exact metrics, threshold and subsampling studies -> figures
+# (seed 003). Sources (config anomaly.source):
+#   demo   - synthetic scenes, a tiny network trained here, its logits (SYNTHETIC, see vlmrel.anomaly.synthetic)
+#   images - HDF5 images + labels per split (anomaly.images, a path with {split}); logits from the
+#            configured network and checkpoint (DeepLabV3-ResNet50)
+#   logits - HDF5 logits + labels per split (anomaly.logits, a path with {split})
+
+
+rule anomaly_demo_data:
+    output:
+        train="results/{run}/anomaly/data/train.h5",
+        val="results/{run}/anomaly/data/val.h5",
+        test="results/{run}/anomaly/data/test.h5",
+    params:
+        seed=config["anomaly"]["seed"],
+        image_size=config["anomaly"]["demo"]["image_size"],
+        n_train=config["anomaly"]["demo"]["n_train"],
+        n_val=config["anomaly"]["demo"]["n_val"],
+        n_test=config["anomaly"]["demo"]["n_test"],
+        anomaly_fraction=config["anomaly"]["demo"]["anomaly_fraction"],
+    log:
+        "results/{run}/logs/anomaly/demo_data.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_demo_data.py"
+
+
+rule anomaly_train:
+    input:
+        train="results/{run}/anomaly/data/train.h5",
+        val="results/{run}/anomaly/data/val.h5",
+    output:
+        model="results/{run}/anomaly/model/segnet.safetensors",
+        record="results/{run}/anomaly/model/train.json",
+    params:
+        arch=config["anomaly"]["model"]["arch"],
+        num_classes=config["anomaly"]["num_classes"],
+        ignore_ids=config["anomaly"]["ignore_ids"],
+        epochs=config["anomaly"]["model"]["epochs"],
+        batch_size=config["anomaly"]["model"]["batch_size"],
+        lr=config["anomaly"]["model"]["lr"],
+        seed=config["anomaly"]["seed"],
+        mean=config["anomaly"]["model"]["mean"],
+        std=config["anomaly"]["model"]["std"],
+    log:
+        "results/{run}/logs/anomaly/train.log",
+    benchmark:
+        "results/{run}/benchmarks/anomaly/train.tsv"
+    threads: config["anomaly"]["model"]["train_threads"]
+    resources:
+        mem_mb=2000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_train.py"
+
+
+rule anomaly_logits:
+    input:
+        data=(
+            config["anomaly"]["images"]
+            if config["anomaly"]["source"] == "images"
+            else "results/{run}/anomaly/data/{split}.h5"
+        ),
+        checkpoint=(
+            "results/{run}/anomaly/model/segnet.safetensors"
+            if config["anomaly"]["source"] == "demo"
+            else (config["anomaly"]["model"]["checkpoint"] or [])
+        ),
+    output:
+        "results/{run}/anomaly/logits/{split}.h5",
+    wildcard_constraints:
+        split="val|test",
+    params:
+        arch=config["anomaly"]["model"]["arch"],
+        num_classes=config["anomaly"]["num_classes"],
+        batch_size=config["anomaly"]["model"]["infer_batch_size"],
+        mean=config["anomaly"]["model"]["mean"],
+        std=config["anomaly"]["model"]["std"],
+        dtype=config["anomaly"]["logits_dtype"],
+        device=config["device"],
+    log:
+        "results/{run}/logs/anomaly/logits_{split}.log",
+    benchmark:
+        "results/{run}/benchmarks/anomaly/logits_{split}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=config["anomaly"]["mem_mb"],
+        gpu=1 if config["device"].startswith("cuda") else 0,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_logits.py"
+
+
+rule anomaly_sml_stats:
+    input:
+        (
+            config["anomaly"]["logits"].replace("{split}", "val")
+            if config["anomaly"]["source"] == "logits"
+            else "results/{run}/anomaly/logits/val.h5"
+        ),
+    output:
+        "results/{run}/anomaly/sml_stats.json",
+    params:
+        num_classes=config["anomaly"]["num_classes"],
+        anomaly_ids=config["anomaly"]["anomaly_ids"],
+        ignore_ids=config["anomaly"]["ignore_ids"],
+        max_block_mb=config["anomaly"]["max_block_mb"],
+    log:
+        "results/{run}/logs/anomaly/sml_stats.log",
+    threads: 1
+    resources:
+        mem_mb=config["anomaly"]["mem_mb"],
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_sml_stats.py"
+
+
+rule anomaly_evaluate:
+    input:
+        logits=(
+            config["anomaly"]["logits"].replace("{split}", "test")
+            if config["anomaly"]["source"] == "logits"
+            else "results/{run}/anomaly/logits/test.h5"
+        ),
+        sml="results/{run}/anomaly/sml_stats.json" if "sml" in config["anomaly"]["methods"] else [],
+    output:
+        metrics="results/{run}/anomaly/metrics.json",
+        per_image="results/{run}/anomaly/per_image.tsv",
+        histograms="results/{run}/anomaly/histograms.npz",
+    params:
+        num_classes=config["anomaly"]["num_classes"],
+        anomaly_ids=config["anomaly"]["anomaly_ids"],
+        ignore_ids=config["anomaly"]["ignore_ids"],
+        methods=config["anomaly"]["methods"],
+        temperature=config["anomaly"]["temperature"],
+        tpr_level=config["anomaly"]["tpr_level"],
+        max_block_mb=config["anomaly"]["max_block_mb"],
+    log:
+        "results/{run}/logs/anomaly/evaluate.log",
+    benchmark:
+        "results/{run}/benchmarks/anomaly/evaluate.tsv"
+    threads: 1
+    resources:
+        mem_mb=config["anomaly"]["mem_mb"],
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_evaluate.py"
+
+
+rule anomaly_threshold:
+    input:
+        "results/{run}/anomaly/histograms.npz",
+    output:
+        tsv="results/{run}/anomaly/threshold_sensitivity.tsv",
+        json="results/{run}/anomaly/threshold_sensitivity.json",
+    params:
+        offsets=config["anomaly"]["threshold"]["offsets"],
+    log:
+        "results/{run}/logs/anomaly/threshold.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_threshold.py"
+
+
+rule anomaly_subsampling:
+    input:
+        logits=(
+            config["anomaly"]["logits"].replace("{split}", "test")
+            if config["anomaly"]["source"] == "logits"
+            else "results/{run}/anomaly/logits/test.h5"
+        ),
+        sml=(
+            "results/{run}/anomaly/sml_stats.json"
+            if "sml" in (config["anomaly"]["subsampling"]["methods"] or config["anomaly"]["methods"])
+            else []
+        ),
+    output:
+        summary="results/{run}/anomaly/subsampling.tsv",
+        trials="results/{run}/anomaly/subsampling_trials.tsv",
+    params:
+        num_classes=config["anomaly"]["num_classes"],
+        anomaly_ids=config["anomaly"]["anomaly_ids"],
+        ignore_ids=config["anomaly"]["ignore_ids"],
+        methods=config["anomaly"]["subsampling"]["methods"] or config["anomaly"]["methods"],
+        ratios=config["anomaly"]["subsampling"]["ratios"],
+        trials=config["anomaly"]["subsampling"]["trials"],
+        seed=config["anomaly"]["seed"],
+        temperature=config["anomaly"]["temperature"],
+        tpr_level=config["anomaly"]["tpr_level"],
+        max_block_mb=config["anomaly"]["max_block_mb"],
+    log:
+        "results/{run}/logs/anomaly/subsampling.log",
+    benchmark:
+        "results/{run}/benchmarks/anomaly/subsampling.tsv"
+    threads: 1
+    resources:
+        mem_mb=config["anomaly"]["mem_mb"],
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_subsampling.py"
+
+
+rule anomaly_comparison:
+    input:
+        metrics="results/{run}/anomaly/metrics.json",
+        threshold="results/{run}/anomaly/threshold_sensitivity.json",
+    output:
+        csv=report(
+            "results/{run}/anomaly/comparison.csv",
+            caption="../report/anomaly/comparison.rst",
+            category="anomaly",
+            labels={"table": "method comparison"},
+        ),
+        md="results/{run}/anomaly/comparison.md",
+    log:
+        "results/{run}/logs/anomaly/comparison.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_comparison.py"
+
+
+rule anomaly_figure_roc_pr:
+    input:
+        histograms="results/{run}/anomaly/histograms.npz",
+        metrics="results/{run}/anomaly/metrics.json",
+    output:
+        report(
+            "results/{run}/anomaly/figures/roc_pr.png",
+            caption="../report/anomaly/roc_pr.rst",
+            category="anomaly",
+            labels={"figure": "ROC and PR curves"},
+        ),
+    params:
+        kind="roc_pr",
+        dpi=config["figures"]["dpi"],
+    log:
+        "results/{run}/logs/anomaly/figure_roc_pr.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_figure.py"
+
+
+rule anomaly_figure_threshold:
+    input:
+        "results/{run}/anomaly/threshold_sensitivity.json",
+    output:
+        report(
+            "results/{run}/anomaly/figures/threshold_sensitivity.png",
+            caption="../report/anomaly/threshold_sensitivity.rst",
+            category="anomaly",
+            labels={"figure": "threshold sensitivity"},
+        ),
+    params:
+        kind="threshold_sensitivity",
+        dpi=config["figures"]["dpi"],
+    log:
+        "results/{run}/logs/anomaly/figure_threshold_sensitivity.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_figure.py"
+
+
+rule anomaly_figure_subsampling:
+    input:
+        "results/{run}/anomaly/subsampling.tsv",
+    output:
+        report(
+            "results/{run}/anomaly/figures/subsampling.png",
+            caption="../report/anomaly/subsampling.rst",
+            category="anomaly",
+            labels={"figure": "subsampling"},
+        ),
+    params:
+        kind="subsampling",
+        dpi=config["figures"]["dpi"],
+    log:
+        "results/{run}/logs/anomaly/figure_subsampling.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_figure.py"
+
+
+rule anomaly_image_logits:
+    input:
+        (
+            config["anomaly"]["logits"]
+            if config["anomaly"]["source"] == "logits"
+            else "results/{run}/anomaly/logits/{split}.h5"
+        ),
+    output:
+        "results/{run}/anomaly/classification/image_logits_{split}.h5",
+    wildcard_constraints:
+        split="val|test",
+    params:
+        num_classes=config["anomaly"]["num_classes"],
+        anomaly_ids=config["anomaly"]["anomaly_ids"],
+        ignore_ids=config["anomaly"]["ignore_ids"],
+        max_block_mb=config["anomaly"]["max_block_mb"],
+    log:
+        "results/{run}/logs/anomaly/image_logits_{split}.log",
+    threads: 1
+    resources:
+        mem_mb=config["anomaly"]["mem_mb"],
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_image_logits.py"
+
+
+rule anomaly_classification:
+    input:
+        test=(
+            config["anomaly"]["classification"]["logits"].replace("{split}", "test")
+            if config["anomaly"]["classification"]["source"] == "file"
+            else "results/{run}/anomaly/classification/image_logits_test.h5"
+        ),
+        val=(
+            (
+                config["anomaly"]["classification"]["logits"].replace("{split}", "val")
+                if config["anomaly"]["classification"]["source"] == "file"
+                else "results/{run}/anomaly/classification/image_logits_val.h5"
+            )
+            if "sml" in config["anomaly"]["methods"]
+            else []
+        ),
+    output:
+        "results/{run}/anomaly/classification/metrics.json",
+    params:
+        num_classes=config["anomaly"]["num_classes"],
+        methods=config["anomaly"]["methods"],
+        temperature=config["anomaly"]["temperature"],
+        tpr_level=config["anomaly"]["tpr_level"],
+    log:
+        "results/{run}/logs/anomaly/classification.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_classification.py"

@@ -1,0 +1,13 @@
+"""Annotate every accepted image with the VLM (cached, concurrent, failures recorded): raw.jsonl."""
+
+from vlmrel.logs import setup_job_log
+from vlmrel.teacher.annotate import annotate
+
+log = setup_job_log(snakemake.log[0])
+annotate(
+    snakemake.input.manifest,
+    snakemake.params.root,
+    snakemake.params.vlm,
+    snakemake.output.raw,
+    stats_path=snakemake.output.stats,
+)

@@ -1,0 +1,13 @@
+"""eval.json: the heads against the audited human truth, or the auto truth (and it says which)."""
+
+from vlmrel.logs import setup_job_log
+from vlmrel.teacher.evaluate import evaluate
+
+log = setup_job_log(snakemake.log[0])
+evaluate(
+    snakemake.input.predictions,
+    snakemake.input.truth,
+    snakemake.params.truth_kind,
+    snakemake.input.card,
+    snakemake.output[0],
+)

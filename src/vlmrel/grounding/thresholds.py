@@ -1,0 +1,346 @@
+"""IoU thresholds chosen by mutual information (notebook 02's objective), found exactly.
+
+The objective
+-------------
+Given paired observations ``(iou_i, s_i)`` (failures removed) and ``k`` sorted thresholds
+``t_1 < ... < t_k`` in (0, 1):
+
+* the IoU class is ``C_t(iou) = #{j : iou >= t_j}`` (notebook 02's ``iou_to_class``), so ``k``
+  thresholds give ``k + 1`` classes ``0 .. k``;
+* the signal is binned into ``n_bins`` bins, ``S``. ``binning="width"`` (default, as the seed):
+  equal-width bins over ``[min(s), max(s)]``, bin ``b = min(floor((s - min) / (max - min) * n_bins),
+  n_bins - 1)``; a constant signal puts everything in bin 0. ``binning="quantile"``: edges at the
+  ``b / n_bins`` quantiles, ``b = searchsorted(inner_edges, s, side="right")`` (ties may empty bins).
+  (The seed's ``np.digitize(s, linspace(min, max, n_bins))`` made ``n_bins + 1`` bins with the
+  maximum alone in the last; we use exactly ``n_bins``.)
+* ``MI = sum_{c,s} p(c,s) log(p(c,s) / (p(c) p(s)))`` in **nats** (natural log, like
+  ``sklearn.metrics.mutual_info_score``), with empirical probabilities.
+
+Why it can be solved exactly
+----------------------------
+``MI`` only depends on which IoU values fall in which class, so it is piecewise constant in
+``t`` and only changes when a threshold crosses an observed IoU value. With the distinct sorted
+IoU values ``u_1 < ... < u_m`` the candidate cut points are the midpoints ``(u_i + u_{i+1}) / 2``
+(``m - 1`` of them, all inside (0, 1)). Writing ``c`` for the bin-count vector of one class and
+``n_b`` for the bin totals, ``n * MI = sum_classes [sum_b c_b log c_b - |c| log |c|] + n H(S)``, and
+``H(S)`` does not depend on ``t``: the objective is a sum over classes of a function of the class's
+own count vector. A dynamic programme over (number of classes, last distinct value) with cumulative
+count tables ``N[i, b]`` (``[m + 1, n_bins]``) therefore finds the global optimum over all
+``C(m - 1, k)`` choices in ``O(k m^2 n_bins)``.
+
+Exact speed-up: adjacent groups of distinct values whose bin-count vectors are proportional are
+merged before the DP. ``phi(c) = |c| H(c / |c|)`` is concave, so moving a cut that separates two
+proportional blocks towards either end never increases ``sum phi`` (a concave function of the
+cut's position along the common direction reaches its minimum at an end); an optimal partition
+without that cut exists. The tests check the result against brute force over all k-subsets.
+
+The seed's method (L-BFGS-B from 10 random starts on a piecewise-constant function whose gradient
+is zero almost everywhere) is reproduced in :func:`lbfgsb_thresholds` for comparison; the baseline
+is ``[0.3, 0.5, 0.7]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BASELINE_THRESHOLDS: tuple[float, ...] = (0.3, 0.5, 0.7)
+BINNINGS = ("width", "quantile")
+
+
+def iou_to_class(iou: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Class ``#{j : iou >= t_j}`` for each IoU (``k`` thresholds give classes ``0 .. k``); NaN gives -1."""
+    iou = np.asarray(iou, dtype=float)
+    t = np.sort(np.asarray(thresholds, dtype=float))
+    classes = np.searchsorted(t, iou, side="right").astype(int)
+    classes[np.isnan(iou)] = -1
+    return classes
+
+
+def bin_signal(signal: np.ndarray, n_bins: int = 20, binning: str = "width") -> np.ndarray:
+    """Bin a finite 1-D signal into ``n_bins`` bins (see the module docstring for the rule)."""
+    s = np.asarray(signal, dtype=float).ravel()
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("bin_signal: the signal has NaN/inf values; drop them first")
+    if s.size == 0:
+        return np.zeros(0, dtype=int)
+    if binning == "width":
+        lo, hi = float(s.min()), float(s.max())
+        if hi <= lo:
+            return np.zeros(s.size, dtype=int)
+        b = np.floor((s - lo) / (hi - lo) * n_bins).astype(int)
+        return np.clip(b, 0, n_bins - 1)
+    if binning == "quantile":
+        inner = np.quantile(s, np.arange(1, n_bins) / n_bins)
+        return np.searchsorted(inner, s, side="right").astype(int)
+    raise ValueError(f"unknown binning {binning!r}; choose one of {BINNINGS}")
+
+
+def _clean(iou: np.ndarray, signal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    iou = np.asarray(iou, dtype=float).ravel()
+    signal = np.asarray(signal, dtype=float).ravel()
+    if iou.shape != signal.shape:
+        raise ValueError(f"iou and signal differ in size: {iou.size} vs {signal.size}")
+    keep = np.isfinite(iou) & np.isfinite(signal)
+    return iou[keep], signal[keep]
+
+
+def _mi_from_labels(classes: np.ndarray, bins: np.ndarray) -> float:
+    """Empirical MI (nats) between two integer label arrays."""
+    n = classes.size
+    if n == 0:
+        return 0.0
+    _, ci = np.unique(classes, return_inverse=True)
+    _, bi = np.unique(bins, return_inverse=True)
+    table = np.zeros((ci.max() + 1, bi.max() + 1))
+    np.add.at(table, (ci, bi), 1.0)
+    pc = table.sum(1, keepdims=True)
+    pb = table.sum(0, keepdims=True)
+    nz = table > 0
+    return float(max(0.0, (table[nz] / n * np.log(table[nz] * n / (pc @ pb)[nz])).sum()))
+
+
+def mutual_information(
+    iou: np.ndarray, signal: np.ndarray, thresholds: Sequence[float], n_bins: int = 20, binning: str = "width"
+) -> float:
+    """``I(C_t(IoU); S)`` in nats; pairs where either value is NaN are left out."""
+    iou, signal = _clean(iou, signal)
+    return _mi_from_labels(iou_to_class(iou, thresholds), bin_signal(signal, n_bins, binning))
+
+
+# ----------------------------------------------------------------------------------------- exact
+
+
+@dataclass
+class _Groups:
+    values: np.ndarray  # distinct sorted IoU values, [m]
+    counts: np.ndarray  # bin-count vector of each group, [m, B]
+
+
+def _groups(iou: np.ndarray, bins: np.ndarray, n_bins: int) -> _Groups:
+    values, inverse = np.unique(iou, return_inverse=True)
+    counts = np.zeros((values.size, n_bins), dtype=np.int64)
+    np.add.at(counts, (inverse, bins), 1)
+    return _Groups(values, counts)
+
+
+def _merge_proportional(counts: np.ndarray) -> np.ndarray:
+    """Start indices of blocks of consecutive groups with proportional count vectors (exactly)."""
+    m = counts.shape[0]
+    if m <= 1:
+        return np.zeros(min(m, 1), dtype=int)
+    a, b = counts[:-1], counts[1:]
+    # proportional iff a * |b| == b * |a| elementwise (integers: exact)
+    same = np.all(a * b.sum(1, keepdims=True) == b * a.sum(1, keepdims=True), axis=1)
+    return np.concatenate([[0], np.flatnonzero(~same) + 1])
+
+
+def _xlogx_table(n: int) -> np.ndarray:
+    x = np.arange(n + 1, dtype=float)
+    out = np.zeros(n + 1)
+    out[1:] = x[1:] * np.log(x[1:])
+    return out
+
+
+def _pad_thresholds(cuts: list[float], values: np.ndarray, k: int) -> np.ndarray:
+    """Fill up to ``k`` thresholds with ones that leave the partition unchanged (empty classes).
+
+    Extra thresholds go above every value, else below every value, else into a gap between two
+    distinct values that already holds a cut (two thresholds in one gap make an empty class).
+    Without any cut (all groups proportional, so MI is 0 for every partition) any gap will do.
+    """
+    cuts = sorted(cuts)
+    if len(cuts) >= k:
+        return np.asarray(cuts[:k], dtype=float)
+    lo, hi = float(values.min()), float(values.max())
+    need = k - len(cuts)
+    if hi < 1.0:
+        extra = list(np.linspace(hi, 1.0, need + 2)[1:-1])
+    elif lo > 0.0:
+        extra = list(np.linspace(0.0, lo, need + 2)[1:-1])
+    else:
+        gap_of = np.searchsorted(values, cuts) - 1 if cuts else np.array([int(np.argmax(np.diff(values)))])
+        g = int(gap_of[0])
+        inner = np.linspace(values[g], values[g + 1], need + 3)[1:-1]
+        extra = [float(e) for e in inner if e not in cuts][:need]
+    return np.sort(np.asarray(cuts + extra, dtype=float))
+
+
+def optimal_thresholds(
+    iou: np.ndarray, signal: np.ndarray, k: int = 3, n_bins: int = 20, *, binning: str = "width"
+) -> tuple[np.ndarray, float]:
+    """Exact global maximum of ``I(C_t(IoU); S)`` over ``k`` thresholds; returns ``(thresholds, mi)``.
+
+    ``iou`` and ``signal`` are paired arrays of any (equal) shape; pairs with a NaN are dropped
+    (failures are not IoU 0). Thresholds are midpoints between consecutive distinct IoU values,
+    sorted; MI is in nats. See the module docstring for the objective and the algorithm.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    iou, signal = _clean(iou, signal)
+    if iou.size == 0:
+        raise ValueError("optimal_thresholds: no finite (iou, signal) pair")
+    if iou.min() < 0 or iou.max() > 1:
+        raise ValueError("optimal_thresholds: IoU values must lie in [0, 1]")
+    bins = bin_signal(signal, n_bins, binning)
+    g = _groups(iou, bins, n_bins)
+    starts = _merge_proportional(g.counts)
+    block_counts = np.add.reduceat(g.counts, starts, axis=0)  # [M, B]
+    # cut between block j-1 and j lies at the midpoint of the two distinct values around it
+    block_first = g.values[starts]
+    block_last = g.values[np.concatenate([starts[1:] - 1, [g.values.size - 1]])]
+    m = block_counts.shape[0]
+    n = iou.size
+    cum = np.zeros((m + 1, n_bins), dtype=np.int64)
+    np.cumsum(block_counts, axis=0, out=cum[1:])
+    tot = cum[:, :].sum(1)
+    xlx = _xlogx_table(n)
+    n_b = cum[-1]
+    h_s_term = float(xlx[n] - xlx[n_b].sum())  # n * H(S) in nats * n
+
+    segments = min(k + 1, m)  # more classes than blocks cannot help
+    neg = -np.inf
+    # best[l][j]: max of sum_classes g(c) with l classes covering blocks [0, j)
+    best = np.full((segments + 1, m + 1), neg)
+    arg = np.zeros((segments + 1, m + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for j in range(1, m + 1):
+        diff = cum[j] - cum[:j]  # [j, B], classes (i, j]
+        g_val = xlx[diff].sum(1) - xlx[tot[j] - tot[:j]]  # sum c log c - |c| log |c|
+        for seg in range(1, segments + 1):
+            cand = best[seg - 1, :j] + g_val
+            i = int(np.argmax(cand))
+            best[seg, j] = cand[i]
+            arg[seg, j] = i
+    total = best[segments, m]
+    mi = max(0.0, (total + h_s_term) / n)
+    # trace back the cut positions (block indices where a new class starts)
+    cut_blocks = []
+    j = m
+    for seg in range(segments, 0, -1):
+        i = int(arg[seg, j])
+        if i > 0:
+            cut_blocks.append(i)
+        j = i
+    cuts = [float((block_last[b - 1] + block_first[b]) / 2.0) for b in cut_blocks]
+    return _pad_thresholds(cuts, g.values, k), float(mi)
+
+
+# -------------------------------------------------------------------------------- comparisons
+
+
+def candidate_cuts(iou: np.ndarray) -> np.ndarray:
+    """Midpoints between consecutive distinct finite IoU values: where the objective can change."""
+    v = np.unique(np.asarray(iou, dtype=float)[np.isfinite(iou)])
+    return (v[:-1] + v[1:]) / 2.0
+
+
+def brute_force_thresholds(
+    iou: np.ndarray, signal: np.ndarray, k: int = 3, n_bins: int = 20, *, binning: str = "width"
+) -> tuple[np.ndarray, float]:
+    """Best MI over every k-subset of :func:`candidate_cuts` (tests and small benchmarks only)."""
+    iou, signal = _clean(iou, signal)
+    bins = bin_signal(signal, n_bins, binning)
+    cands = candidate_cuts(iou)
+    if cands.size > 200:
+        raise ValueError(f"brute force over {cands.size} candidates is too large")
+    best_t, best_mi = None, -np.inf
+    for combo in itertools.combinations(cands, min(k, cands.size)):
+        mi = _mi_from_labels(iou_to_class(iou, combo), bins)
+        if mi > best_mi + 1e-15:
+            best_t, best_mi = combo, mi
+    if best_t is None:
+        return _pad_thresholds([], np.unique(iou), k), 0.0
+    return _pad_thresholds(list(best_t), np.unique(iou), k), float(best_mi)
+
+
+def lbfgsb_thresholds(
+    iou: np.ndarray,
+    signal: np.ndarray,
+    k: int = 3,
+    n_bins: int = 20,
+    *,
+    binning: str = "width",
+    n_restarts: int = 10,
+    seed: int = 42,
+) -> tuple[np.ndarray, float]:
+    """Notebook 02's method: L-BFGS-B from ``n_restarts`` random starts (seeded, not global RNG).
+
+    Starts ``sort(uniform(0.1, 0.9, k))``, bounds ``(0.05, 0.95)``, objective ``-MI`` of
+    ``sort(clip(t, 0.01, 0.99))``. Kept only for comparison: the gradient is zero almost everywhere.
+    """
+    from scipy import optimize
+
+    iou, signal = _clean(iou, signal)
+    bins = bin_signal(signal, n_bins, binning)
+    rng = np.random.default_rng(seed)
+
+    def objective(t: np.ndarray) -> float:
+        t = np.sort(np.clip(t, 0.01, 0.99))
+        return -_mi_from_labels(iou_to_class(iou, t), bins)
+
+    best_x, best_mi = None, -np.inf
+    for _ in range(n_restarts):
+        x0 = np.sort(rng.uniform(0.1, 0.9, k))
+        res = optimize.minimize(objective, x0, method="L-BFGS-B", bounds=[(0.05, 0.95)] * k)
+        if -res.fun > best_mi:
+            best_mi, best_x = -float(res.fun), res.x
+    t = np.sort(np.clip(best_x, 0.01, 0.99))
+    return t, float(best_mi)
+
+
+def threshold_comparison(
+    iou: np.ndarray,
+    signal: np.ndarray,
+    *,
+    k: int = 3,
+    n_bins: int = 20,
+    binning: str = "width",
+    lbfgsb_restarts: int = 10,
+    seed: int = 42,
+    baseline: Sequence[float] = BASELINE_THRESHOLDS,
+) -> dict:
+    """One signal's entry of ``thresholds.json``: the exact optimum, the seed's method and the baseline.
+
+    Deterministic (no timings: those are the benchmark's), so equal inputs give an identical file.
+    """
+    iou_c, sig_c = _clean(iou, signal)
+    out: dict = {
+        "n_pairs": int(iou_c.size),
+        "n_dropped": int(np.asarray(iou).size - iou_c.size),
+        "k": int(k),
+        "n_bins": int(n_bins),
+        "binning": binning,
+        "mi_units": "nats",
+        "signal_range": [float(sig_c.min()), float(sig_c.max())] if sig_c.size else None,
+        "n_candidate_cuts": int(candidate_cuts(iou_c).size),
+    }
+    if iou_c.size == 0:
+        out.update(exact=None, lbfgsb=None, baseline=None)
+        return out
+    t_exact, mi_exact = optimal_thresholds(iou_c, sig_c, k, n_bins, binning=binning)
+    t_lb, mi_lb = lbfgsb_thresholds(
+        iou_c, sig_c, k, n_bins, binning=binning, n_restarts=lbfgsb_restarts, seed=seed
+    )
+    mi_base = mutual_information(iou_c, sig_c, baseline, n_bins, binning)
+    out["exact"] = {"thresholds": t_exact.tolist(), "mi": mi_exact, "method": "dp"}
+    out["lbfgsb"] = {
+        "thresholds": t_lb.tolist(),
+        "mi": mi_lb,
+        "restarts": lbfgsb_restarts,
+        "seed": seed,
+    }
+    out["baseline"] = {"thresholds": [float(x) for x in baseline], "mi": mi_base}
+    for name in ("lbfgsb", "baseline"):
+        other = out[name]["mi"]
+        out[name]["gap_to_exact"] = mi_exact - other
+        out[name]["exact_improvement_pct"] = (
+            100.0 * (mi_exact - other) / other if other > 0 else (math.inf if mi_exact > 0 else 0.0)
+        )
+    return out

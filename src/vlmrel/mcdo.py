@@ -1,0 +1,602 @@
+"""MC dropout on frozen vision towers: injection, nested-T trials and trial files (seed 002).
+
+Dropout is injected on the *input* of every ``nn.Linear`` of a vision tower (inverted dropout:
+keep-mask / (1 - p)), including the in- and out-projections of ``nn.MultiheadAttention``, whose
+forward reads ``in_proj_weight`` / ``out_proj.weight`` directly and so never calls a hook on
+``out_proj``: the injection replaces the MHA forward with an equivalent that applies the
+in-projection itself and calls ``out_proj`` as a module.
+
+Random draws are dtype-independent. Dropped positions are sampled as a Bernoulli(p) process by
+geometric gaps from float64 uniforms of the given ``torch.Generator`` (about ``p * n`` draws
+instead of ``n``; at p = 0.01 the dense ``torch.rand(n) >= p`` mask costs more than a bf16
+forward pass on CPU), so an fp64, fp32 and bf16 run with the same seed see identical masks.
+
+Variances are accumulated as float64 sums of deviations from the first pass (shifted data),
+not as ``sumsq/T - mean**2`` in float32, which cancels when the dropout noise is small against
+the feature mean (seed 002, defect 8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmrel.io import atomic_path
+
+__all__ = [
+    "KINDS",
+    "Injection",
+    "MomentAccumulator",
+    "TrialResult",
+    "drop_positions",
+    "inject_dropout",
+    "load_trial",
+    "pass_seed",
+    "run_trial",
+    "save_trial",
+]
+
+KINDS = ("input", "dropconnect", "gaussian")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------- random draws
+
+
+def drop_positions(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Sorted flat positions in ``[0, n)``, each included independently with probability ``p``.
+
+    Gaps between dropped positions are Geometric(p): ``floor(log(1 - u) / log(1 - p))`` for
+    float64 uniforms ``u`` drawn from ``generator`` (on the generator's device).
+    """
+    dev = generator.device
+    if p <= 0.0 or n <= 0:
+        return torch.empty(0, dtype=torch.int64, device=dev)
+    inv_log_q = 1.0 / math.log1p(-p)
+    chunks: list[torch.Tensor] = []
+    start = 0
+    while start < n:
+        mean = (n - start) * p
+        m = int(mean + 6.0 * math.sqrt(mean) + 16)
+        u = torch.rand(m, generator=generator, dtype=torch.float64, device=dev)
+        gaps = torch.log1p(u.neg_()).mul_(inv_log_q).floor_().to(torch.int64).add_(1)
+        pos = torch.cumsum(gaps, 0).add_(start - 1)  # sorted
+        k = int(torch.searchsorted(pos, n))  # positions < n
+        chunks.append(pos[:k])
+        if k < m:
+            break
+        start = int(pos[-1]) + 1
+    return torch.cat(chunks)
+
+
+def _dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Inverted dropout of ``x`` (a new tensor; ``x`` is untouched)."""
+    idx = drop_positions(x.numel(), p, generator).to(x.device)
+    # a Python-float scalar multiplies bf16/fp16 in float32 (opmath), so 1/(1-p) is not rounded
+    y = x.mul(1.0 / (1.0 - p)).contiguous()
+    y.view(-1).index_fill_(0, idx, 0)
+    return y
+
+
+def _gaussian(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Multiplicative N(1, p/(1-p)) noise: the variance of inverted dropout at rate p."""
+    sigma = math.sqrt(p / (1.0 - p))
+    noise = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32, device=generator.device)
+    noise = noise.to(x.device).mul_(sigma).add_(1.0)
+    if x.dtype == torch.float32 or x.dtype in _LOW_PRECISION:
+        return (x.float() * noise).to(x.dtype)
+    return x * noise.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- injection
+
+
+class Injection:
+    """Handle of an injected dropout: ``targets``, per-target ``calls``, ``remove()``.
+
+    Also a context manager (removes on exit).
+    """
+
+    def __init__(
+        self, p: float, generator: torch.Generator, kind: str, active: Collection[str] | None
+    ) -> None:
+        self.p = float(p)
+        self.generator = generator
+        self.kind = kind
+        self.targets: list[str] = []
+        self.calls: dict[str, int] = {}
+        self._active = None if active is None else set(active)
+        self._patched: list[nn.Module] = []
+
+    def is_active(self, target: str) -> bool:
+        """Whether noise is applied at ``target`` (p > 0 and the target is selected)."""
+        return self.p > 0.0 and (self._active is None or target in self._active)
+
+    def reset_calls(self) -> None:
+        for key in self.calls:
+            self.calls[key] = 0
+
+    def noise_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gaussian":
+            return _gaussian(x, self.p, self.generator)
+        return _dropout(x, self.p, self.generator)
+
+    def noise_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return _dropout(w, self.p, self.generator)
+
+    def remove(self) -> None:
+        """Restore every patched module's own forward."""
+        for module in self._patched:
+            if "forward" in module.__dict__:
+                del module.forward
+        self._patched.clear()
+
+    def __enter__(self) -> Injection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _count(self, target: str) -> None:
+        self.calls[target] += 1
+
+
+def _linear_forward(inj: Injection, module: nn.Linear, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    original = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        inj._count(target)
+        if not inj.is_active(target):
+            return original(x)
+        if inj.kind == "dropconnect":
+            return F.linear(x, inj.noise_weight(module.weight), module.bias)
+        return original(inj.noise_input(x))
+
+    return forward
+
+
+def _mha_forward(inj: Injection, mha: nn.MultiheadAttention, prefix: str) -> Callable[..., Any]:
+    original = mha.forward
+    in_targets = _mha_in_targets(mha, prefix)
+    out_target = f"{prefix}.out_proj" if prefix else "out_proj"
+
+    def forward(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if inj.p == 0.0:  # exact no-op: the module's own forward, calls still counted
+            for t in in_targets:
+                inj._count(t)
+            inj._count(out_target)
+            return original(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        out = mha_functional(
+            mha,
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            injection=inj,
+            prefix=prefix,
+        )
+        return out, None  # attention weights are not computed
+
+    return forward
+
+
+def _mha_in_targets(mha: nn.MultiheadAttention, prefix: str) -> list[str]:
+    dot = f"{prefix}." if prefix else ""
+    if mha._qkv_same_embed_dim:
+        return [f"{dot}in_proj"]
+    return [f"{dot}q_proj", f"{dot}k_proj", f"{dot}v_proj"]
+
+
+def mha_functional(
+    mha: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    injection: Injection | None = None,
+    prefix: str = "",
+) -> torch.Tensor:
+    """``nn.MultiheadAttention`` forward (attention output only) with explicit projections.
+
+    The in-projection is applied here, with ``injection``'s noise on its input(s) (or its
+    weight, for dropconnect); ``out_proj`` is called as a module so its own patched forward
+    runs. Without an injection the result equals ``mha(query, key, value)[0]`` to float
+    tolerance.
+    """
+    if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
+        raise NotImplementedError("MultiheadAttention with bias_k/bias_v/add_zero_attn is not supported")
+    if mha.dropout > 0.0 and mha.training:
+        raise NotImplementedError("MultiheadAttention attention-dropout in training mode is not supported")
+    inj = injection
+
+    def on_input(target: str, x: torch.Tensor) -> torch.Tensor:
+        if inj is not None and inj.kind != "dropconnect" and inj.is_active(target):
+            return inj.noise_input(x)
+        return x
+
+    def on_weight(target: str, w: torch.Tensor) -> torch.Tensor:
+        if inj is None:
+            return w
+        inj._count(target)
+        if inj.kind == "dropconnect" and inj.is_active(target):
+            return inj.noise_weight(w)
+        return w
+
+    same_kv = key is value
+    self_attn = same_kv and query is key
+    unbatched = query.dim() == 2
+    if unbatched:  # [L, E] -> [1, L, E]
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not mha.batch_first:  # [L, B, E] -> [B, L, E]
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+
+    embed, heads = mha.embed_dim, mha.num_heads
+    targets = _mha_in_targets(mha, prefix)
+    bias = mha.in_proj_bias
+    b_q, b_k, b_v = (None, None, None) if bias is None else bias.split([embed, embed, embed])
+    if mha._qkv_same_embed_dim:
+        t = targets[0]
+        w = on_weight(t, mha.in_proj_weight)
+        if self_attn:
+            q, k, v = F.linear(on_input(t, query), w, bias).chunk(3, dim=-1)
+        else:
+            w_q, w_kv = w.split([embed, 2 * embed])
+            b_kv = None if bias is None else bias[embed:]
+            q = F.linear(on_input(t, query), w_q, b_q)
+            if same_kv:
+                k, v = F.linear(on_input(t, key), w_kv, b_kv).chunk(2, dim=-1)
+            else:
+                w_k, w_v = w_kv.split([embed, embed])
+                k = F.linear(on_input(t, key), w_k, b_k)
+                v = F.linear(on_input(t, value), w_v, b_v)
+    else:
+        w_q = on_weight(targets[0], mha.q_proj_weight)
+        w_k = on_weight(targets[1], mha.k_proj_weight)
+        w_v = on_weight(targets[2], mha.v_proj_weight)
+        q = F.linear(on_input(targets[0], query), w_q, b_q)
+        k = F.linear(on_input(targets[1], key), w_k, b_k)
+        v = F.linear(on_input(targets[2], value), w_v, b_v)
+
+    bsz, tgt_len, _ = q.shape
+    src_len = k.shape[1]
+    head_dim = embed // heads
+    q = q.reshape(bsz, tgt_len, heads, head_dim).transpose(1, 2)
+    k = k.reshape(bsz, src_len, heads, head_dim).transpose(1, 2)
+    v = v.reshape(bsz, src_len, heads, head_dim).transpose(1, 2)
+    mask = _merge_masks(attn_mask, key_padding_mask, bsz, heads, tgt_len, src_len, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    out = mha.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, embed))
+    if unbatched:
+        return out.squeeze(0)
+    return out if mha.batch_first else out.transpose(0, 1)
+
+
+def _merge_masks(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    bsz: int,
+    heads: int,
+    tgt_len: int,
+    src_len: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """MHA's masks (bool True = masked, or additive float) as one additive [B, H, L, S] mask."""
+    merged: torch.Tensor | None = None
+
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    if attn_mask is not None:
+        am = additive(attn_mask)
+        am = am.view(1, 1, tgt_len, src_len) if am.dim() == 2 else am.view(bsz, heads, tgt_len, src_len)
+        merged = am
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask).view(bsz, 1, 1, src_len)
+        merged = kpm if merged is None else merged + kpm
+    return merged
+
+
+def inject_dropout(
+    vision: nn.Module,
+    p: float,
+    generator: torch.Generator,
+    kind: str = "input",
+    *,
+    only: Collection[str] | None = None,
+) -> Injection:
+    """Inject MC dropout into every linear map of ``vision``; returns the :class:`Injection`.
+
+    ``kind``: "input" (inverted dropout on each Linear's input), "dropconnect" (Bernoulli
+    mask on the weight, scaled 1/(1-p)) or "gaussian" (multiplicative N(1, p/(1-p)) noise on
+    the input). ``only`` restricts the noise to the named targets (the others still count
+    calls). p == 0 is an exact no-op.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown dropout kind {kind!r}; choose one of {KINDS}")
+    if not (0.0 <= float(p) < 1.0) or math.isnan(float(p)):
+        raise ValueError(f"dropout rate p must be in [0, 1), got {p!r}")
+    if any("forward" in m.__dict__ for m in vision.modules()):
+        raise RuntimeError("vision tower already has patched forwards (an injection not removed?)")
+    inj = Injection(p, generator, kind, only)
+    for name, module in vision.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            module.forward = _mha_forward(inj, module, name)
+            inj._patched.append(module)
+            inj.targets.extend(_mha_in_targets(module, name))
+        elif isinstance(module, nn.Linear):
+            module.forward = _linear_forward(inj, module, name)
+            inj._patched.append(module)
+            inj.targets.append(name)
+    inj.calls = dict.fromkeys(inj.targets, 0)
+    if only is not None:
+        unknown = sorted(set(only) - set(inj.targets))
+        if unknown:
+            inj.remove()
+            raise ValueError(f"unknown injection targets {unknown}; targets are {inj.targets}")
+    return inj
+
+
+# --------------------------------------------------------------------------- trials
+
+
+class MomentAccumulator:
+    """Per-row mean and population variance of a stream of ``[N, D]`` samples, stably.
+
+    float64 sums of deviations from the first sample (shifted data): no cancellation when the
+    spread is tiny against the mean.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._shift: torch.Tensor | None = None
+        self._s1: torch.Tensor | None = None
+        self._s2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = torch.as_tensor(x).to(torch.float64)
+        if self._shift is None:
+            self._shift = x.clone()
+            self._s1 = torch.zeros_like(x)
+            self._s2 = torch.zeros_like(x)
+        assert self._s1 is not None and self._s2 is not None
+        d = x - self._shift
+        self._s1 += d
+        self._s2 += d * d
+        self.n += 1
+
+    def mean(self) -> torch.Tensor:
+        if self._shift is None or self._s1 is None:
+            raise ValueError("no samples accumulated")
+        return self._shift + self._s1 / self.n
+
+    def variance(self) -> torch.Tensor:
+        """Population variance (ddof = 0) per element."""
+        if self._s1 is None or self._s2 is None:
+            raise ValueError("no samples accumulated")
+        m = self._s1 / self.n
+        return (self._s2 / self.n - m * m).clamp_min_(0.0)
+
+    def trace(self) -> torch.Tensor:
+        """Per-row trace of the (diagonal) covariance divided by D: the mean variance."""
+        return self.variance().mean(dim=-1)
+
+
+@dataclass
+class TrialResult:
+    """Trace snapshots of one MC trial: ``trace_pre`` / ``trace_post`` are ``[len(T), N]``."""
+
+    T: list[int]
+    trace_pre: np.ndarray
+    trace_post: np.ndarray
+    image_id: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def pass_seed(seed: int, trial: int, batch: int, t: int) -> int:
+    """Seed of the generator for pass ``t`` of batch ``batch`` (independent of T_max)."""
+    state = np.random.SeedSequence([int(seed), int(trial), int(batch), int(t)]).generate_state(
+        2, dtype=np.uint32
+    )
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _batch_len(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def run_trial(
+    encoder: Any,
+    batches: Iterable[tuple[Sequence[str], Any]],
+    *,
+    p: float,
+    seed: int,
+    trial: int,
+    T_list: Sequence[int],
+    kind: str = "input",
+    progress: bool = True,
+    on_pass: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> TrialResult:
+    """One MC-dropout trial: T_max passes per batch, trace snapshots at every T in ``T_list``.
+
+    The generator (on the encoder's device) is re-seeded for pass t of batch b with
+    ``pass_seed(seed, trial, b, t)``, so the T=4 snapshot of a T_max=16 run equals a T=4 run,
+    and a trial does not depend on T_max. Masks do depend on the batching (batch size).
+
+    ``on_pass(batch_start, t, features)`` is called after every stochastic pass with the batch's
+    position in the trial's image order, the 0-based pass index and its features [B, D] before
+    normalisation (e.g. :class:`vlmrel.geometry.GeometryCollector` for exp0b/exp4).
+    """
+    from tqdm.auto import tqdm
+
+    Ts = sorted({int(t) for t in T_list})
+    if not Ts or Ts[0] < 1:
+        raise ValueError(f"T_list must hold positive pass counts, got {list(T_list)}")
+    t_max = Ts[-1]
+    snap_index = {t: i for i, t in enumerate(Ts)}
+    generator = torch.Generator(device=encoder.device)
+    generator.manual_seed(int(seed) + int(trial))
+    pre_chunks: list[np.ndarray] = []
+    post_chunks: list[np.ndarray] = []
+    ids: list[str] = []
+    n_batches = _batch_len(batches)
+    total = None if n_batches is None else n_batches * t_max
+    bar = tqdm(total=total, disable=not progress, unit="pass", desc=f"{encoder.name} p={p} trial {trial}")
+    batch_size = 0
+    with inject_dropout(encoder.vision, p, generator, kind):
+        for b, (batch_ids, pixels) in enumerate(batches):
+            x = encoder.prepare(pixels)
+            if len(batch_ids) != x.shape[0]:
+                raise ValueError(f"batch {b}: {len(batch_ids)} image ids for {x.shape[0]} images")
+            batch_size = max(batch_size, int(x.shape[0]))
+            acc_pre, acc_post = MomentAccumulator(), MomentAccumulator()
+            pre = np.empty((len(Ts), x.shape[0]))
+            post = np.empty((len(Ts), x.shape[0]))
+            for t in range(1, t_max + 1):
+                generator.manual_seed(pass_seed(seed, trial, b, t - 1))
+                feats = encoder.encode_image(x).to(torch.float64)
+                if on_pass is not None:
+                    on_pass(len(ids), t - 1, feats)
+                acc_pre.add(feats)
+                acc_post.add(feats / feats.norm(dim=-1, keepdim=True))
+                if t in snap_index:
+                    pre[snap_index[t]] = acc_pre.trace().cpu().numpy()
+                    post[snap_index[t]] = acc_post.trace().cpu().numpy()
+                bar.update(1)
+            pre_chunks.append(pre)
+            post_chunks.append(post)
+            ids.extend(str(i) for i in batch_ids)
+    bar.close()
+    empty = np.empty((len(Ts), 0))
+    meta = {
+        "model": encoder.name,
+        "p": float(p),
+        "seed": int(seed),
+        "trial": int(trial),
+        "kind": kind,
+        "precision": encoder.precision,
+        "device": str(encoder.device),
+        "batch_size": batch_size,
+        "T": Ts,
+        "num_images": len(ids),
+        "rng": "pass_seed(seed, trial, batch, t) -> torch.Generator; geometric-gap Bernoulli masks",
+    }
+    return TrialResult(
+        T=Ts,
+        trace_pre=np.concatenate(pre_chunks, axis=1) if pre_chunks else empty,
+        trace_post=np.concatenate(post_chunks, axis=1) if post_chunks else empty.copy(),
+        image_id=ids,
+        meta=meta,
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape a trial's numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import vlmrel
+
+    out = {"torch": torch.__version__, "numpy": np.__version__, "vlmrel": vlmrel.__version__}
+    for pkg, dist in (("open_clip", "open_clip_torch"), ("transformers", "transformers")):
+        try:
+            out[pkg] = version(dist)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def save_trial(path: str | os.PathLike[str], result: TrialResult, meta: dict[str, Any] | None = None) -> None:
+    """Write ``result`` to ``path`` (.npz) atomically; ``meta`` extends the result's provenance.
+
+    A ``meta`` key that contradicts the result's own provenance (model, p, seed, ...) is an error.
+    """
+    full: dict[str, Any] = dict(result.meta)
+    full["T"] = [int(t) for t in result.T]
+    for key, value in (meta or {}).items():
+        if key in full and full[key] != value:
+            raise ValueError(f"{path}: meta[{key!r}]={value!r} contradicts the trial's own {full[key]!r}")
+        full[key] = value
+    full["versions"] = versions()
+    n = len(result.image_id)
+    shape = (len(result.T), n)
+    for key in ("trace_pre", "trace_post"):
+        arr = getattr(result, key)
+        if arr.shape != shape:
+            raise ValueError(f"{path}: {key} has shape {arr.shape}, expected {shape}")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            T=np.asarray(result.T, dtype=np.int64),
+            trace_pre=np.asarray(result.trace_pre, dtype=np.float64),
+            trace_post=np.asarray(result.trace_post, dtype=np.float64),
+            image_id=np.asarray(result.image_id, dtype=np.str_).reshape(n),
+            meta=np.asarray(json.dumps(full, sort_keys=True)),
+        )
+
+
+def load_trial(path: str | os.PathLike[str]) -> tuple[TrialResult, dict[str, Any]]:
+    """Read a trial file written by :func:`save_trial` (no pickles: ``allow_pickle=False``)."""
+    required = ("T", "trace_pre", "trace_post", "image_id", "meta")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files if k in required}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # unreadable, or holds pickled objects
+        raise ValueError(f"{path}: cannot read trial file: {exc}") from exc
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: not a trial file, missing arrays {missing}")
+    try:
+        meta = json.loads(str(arrays["meta"][()]))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: meta is not JSON: {exc}") from exc
+    T = [int(t) for t in arrays["T"]]
+    pre = arrays["trace_pre"].astype(np.float64)
+    post = arrays["trace_post"].astype(np.float64)
+    ids = [str(i) for i in arrays["image_id"]]
+    if pre.shape != (len(T), len(ids)) or post.shape != pre.shape:
+        raise ValueError(
+            f"{path}: trace shapes {pre.shape}/{post.shape} do not match T={T} and {len(ids)} ids"
+        )
+    return TrialResult(T=T, trace_pre=pre, trace_post=post, image_id=ids, meta=meta), meta

@@ -1,0 +1,300 @@
+"""Backend adapters over the official ``ollama`` and ``openai`` Python clients.
+
+Each adapter wraps one client pointed at one base URL, always with an explicit timeout
+(the ``ollama`` client's default is none, and requests have hung for hours) and with the
+client's own retries off (``max_retries=0``): retries, backoff and failover belong to
+:mod:`vlmrel.vlm.client`. Errors are mapped to failure kinds by :func:`classify_error`.
+
+- ``ollama``: ``POST {base}/api/chat`` with the image as base64 in ``images``, the JSON
+  schema as ``format`` and sampling parameters as ``options``; ``/api/embed``.
+- ``openai``: any OpenAI-compatible server (vLLM, llama.cpp server, LM Studio, OpenAI):
+  ``POST {base}/chat/completions`` with the image as a ``data:`` URL and the schema as
+  ``response_format={"type": "json_schema", ...}``; ``/embeddings``. The base URL
+  includes the ``/v1`` prefix, as in the ``openai`` client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import GenerationConfig
+from .payload import EncodedImage
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """The model's raw answer text and why generation stopped (``stop``, ``length``, ...)."""
+
+    text: str
+    finish_reason: str | None
+
+
+class BackendError(Exception):
+    """A request failed; ``kind`` is a failure kind, ``retry_after`` a server hint in seconds."""
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+def _status_kind(status: int) -> str:
+    if status == 429:
+        return "http_429"
+    if 500 <= status <= 599:
+        return "http_5xx"
+    if 400 <= status <= 499:
+        return "http_4xx"
+    return "error"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 10:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        value = headers.get("retry-after") if headers is not None else None
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def classify_error(exc: BaseException) -> tuple[str, str, float | None]:
+    """Map an exception from either client to ``(failure_kind, message, retry_after_s)``.
+
+    Works on class names through the cause chain, so it covers ``httpx`` (used by
+    ``ollama``) and ``httpx2`` (used by recent ``openai``) alike.
+    """
+    if isinstance(exc, BackendError):
+        return exc.kind, str(exc), exc.retry_after
+    message = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and str(cause):
+        message += f" (cause: {type(cause).__name__}: {cause})"
+    for e in _chain(exc):
+        names = _names(e)
+        status = getattr(e, "status_code", None)
+        if ("ResponseError" in names or "APIStatusError" in names) and isinstance(status, int) and status > 0:
+            response = getattr(e, "response", None)
+            return _status_kind(status), message, _retry_after(getattr(response, "headers", None))
+    for e in _chain(exc):
+        names = _names(e)
+        text = str(e).lower()
+        if names & {"TimeoutError", "TimeoutException", "APITimeoutError", "ReadTimeout", "ConnectTimeout"}:
+            return "timeout", message, None
+        if "RemoteProtocolError" in names and ("incomplete" in text or "complete message body" in text):
+            return "truncated", message, None
+        if "APIResponseValidationError" in names or names & {"JSONDecodeError", "ValidationError"}:
+            return "malformed_response", message, None
+    for e in _chain(exc):
+        names = _names(e)
+        if names & {
+            "TransportError",
+            "NetworkError",
+            "RemoteProtocolError",
+            "ConnectionError",
+            "APIConnectionError",
+        }:
+            return "connection", message, None
+        if "OSError" in names:
+            return "connection", message, None
+    return "error", message, None
+
+
+class Backend:
+    """Common interface: ``chat``, ``embed``, ``aclose``; one instance per endpoint."""
+
+    name = "base"
+
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout_s: float, connect_timeout_s: float
+    ) -> None:
+        self.base_url = base_url
+        self.timeout_s = float(timeout_s)
+        self.connect_timeout_s = float(min(connect_timeout_s, timeout_s))
+
+    async def chat(
+        self,
+        model: str,
+        prompt: str,
+        system: str | None,
+        image: EncodedImage | None,
+        schema: dict[str, Any] | None,
+        structured_output: str,
+        gen: GenerationConfig,
+    ) -> ChatReply:
+        raise NotImplementedError
+
+    async def embed(self, model: str, texts: list[str], dimensions: int | None) -> list[list[float]]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+class OllamaBackend(Backend):
+    """``ollama.AsyncClient(host=base_url, timeout=httpx.Timeout(...))``."""
+
+    name = "ollama"
+
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout_s: float, connect_timeout_s: float
+    ) -> None:
+        super().__init__(base_url, api_key, timeout_s, connect_timeout_s)
+        import httpx
+        import ollama
+
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = ollama.AsyncClient(
+            host=base_url,
+            timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            headers=headers,
+        )
+
+    async def chat(
+        self,
+        model: str,
+        prompt: str,
+        system: str | None,
+        image: EncodedImage | None,
+        schema: dict[str, Any] | None,
+        structured_output: str,
+        gen: GenerationConfig,
+    ) -> ChatReply:
+        messages: list[dict[str, Any]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        user: dict[str, Any] = {"role": "user", "content": prompt}
+        if image is not None:
+            user["images"] = [image.data]  # the client sends bytes as base64
+        messages.append(user)
+        fmt: Any = None
+        if schema is not None and structured_output == "json_schema":
+            fmt = schema
+        elif schema is not None and structured_output == "json_object":
+            fmt = "json"
+        options: dict[str, Any] = {"temperature": float(gen.temperature)}
+        if gen.top_p is not None:
+            options["top_p"] = float(gen.top_p)
+        if gen.max_tokens is not None:
+            options["num_predict"] = int(gen.max_tokens)
+        if gen.seed is not None:
+            options["seed"] = int(gen.seed)
+        options.update(gen.extra)
+        resp = await self._client.chat(
+            model=model, messages=messages, format=fmt, options=options, stream=False
+        )
+        return ChatReply(text=resp.message.content or "", finish_reason=getattr(resp, "done_reason", None))
+
+    async def embed(self, model: str, texts: list[str], dimensions: int | None) -> list[list[float]]:
+        resp = await self._client.embed(model=model, input=texts, dimensions=dimensions)
+        return [list(v) for v in resp.embeddings]
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+class OpenAIBackend(Backend):
+    """``openai.AsyncOpenAI(base_url=..., api_key=..., timeout=..., max_retries=0)``."""
+
+    name = "openai"
+
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout_s: float, connect_timeout_s: float
+    ) -> None:
+        super().__init__(base_url, api_key, timeout_s, connect_timeout_s)
+        import openai
+
+        # Local servers (vLLM, llama.cpp) accept any key; the client insists on one.
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "EMPTY",
+            timeout=openai.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            max_retries=0,
+        )
+
+    async def chat(
+        self,
+        model: str,
+        prompt: str,
+        system: str | None,
+        image: EncodedImage | None,
+        schema: dict[str, Any] | None,
+        structured_output: str,
+        gen: GenerationConfig,
+    ) -> ChatReply:
+        messages: list[dict[str, Any]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        if image is not None:
+            content: Any = [
+                {"type": "image_url", "image_url": {"url": image.data_url()}},
+                {"type": "text", "text": prompt},
+            ]
+        else:
+            content = prompt
+        messages.append({"role": "user", "content": content})
+        kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": float(gen.temperature)}
+        if gen.top_p is not None:
+            kwargs["top_p"] = float(gen.top_p)
+        if gen.max_tokens is not None:
+            kwargs["max_tokens"] = int(gen.max_tokens)
+        if gen.seed is not None:
+            kwargs["seed"] = int(gen.seed)
+        if schema is not None and structured_output == "json_schema":
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            }
+        elif schema is not None and structured_output == "json_object":
+            kwargs["response_format"] = {"type": "json_object"}
+        if gen.extra:
+            kwargs["extra_body"] = dict(gen.extra)
+        resp = await self._client.chat.completions.create(**kwargs)
+        if isinstance(resp, str | bytes) or not getattr(resp, "choices", None):
+            raise BackendError("malformed_response", f"response has no choices: {str(resp)[:200]!r}")
+        choice = resp.choices[0]
+        text = choice.message.content if choice.message is not None else None
+        if text is None:
+            raise BackendError("malformed_response", "response choice has no message content")
+        return ChatReply(text=text, finish_reason=choice.finish_reason)
+
+    async def embed(self, model: str, texts: list[str], dimensions: int | None) -> list[list[float]]:
+        kwargs: dict[str, Any] = {"model": model, "input": texts, "encoding_format": "float"}
+        if dimensions is not None:
+            kwargs["dimensions"] = dimensions
+        resp = await self._client.embeddings.create(**kwargs)
+        if isinstance(resp, str | bytes) or getattr(resp, "data", None) is None:
+            raise BackendError("malformed_response", f"embedding response has no data: {str(resp)[:200]!r}")
+        data = sorted(resp.data, key=lambda d: d.index)
+        return [list(d.embedding) for d in data]
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+BACKEND_CLASSES: dict[str, type[Backend]] = {"ollama": OllamaBackend, "openai": OpenAIBackend}
+
+
+def make_backend(
+    backend: str, base_url: str, api_key: str | None, timeout_s: float, connect_timeout_s: float
+) -> Backend:
+    """Instantiate the adapter for ``backend`` on ``base_url``."""
+    try:
+        cls = BACKEND_CLASSES[backend]
+    except KeyError:
+        raise ValueError(
+            f"unknown VLM backend {backend!r}; choose one of {', '.join(BACKEND_CLASSES)}"
+        ) from None
+    return cls(base_url, api_key, timeout_s, connect_timeout_s)

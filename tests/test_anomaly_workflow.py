@@ -1,0 +1,40 @@
+"""The anomaly chain of the demo config end to end through real snakemake."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from wfutil import load_config, snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+
+def test_demo_anomaly_chain_end_to_end(tmp_path):
+    cfg = load_config()
+    an = cfg["anomaly"]
+    proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", cfg), "anomaly")
+    assert "Finished" in proc.stdout + proc.stderr
+    out = tmp_path / "results" / cfg["run"] / "anomaly"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"] == an["methods"]
+    for m in an["methods"]:
+        p = metrics["pooled"][m]
+        assert 0.5 < p["auroc"] <= 1.0 and 0.0 < p["aupr"] <= 1.0 and 0.0 <= p["fpr95"] <= 1.0
+        assert p["n_anomaly"] > 0
+        q = metrics["per_image"][m]
+        assert q["n_images_used"] + q["n_images_no_anomaly"] + q["n_images_no_normal"] == q["n_images"]
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["method"]) == an["methods"]
+    sub = pd.read_csv(out / "subsampling.tsv", sep="\t")
+    full = sub[sub["ratio"] == 1.0]
+    assert (full["auroc_mean"] - full["auroc_exact"]).abs().max() < 1e-12
+    for fig in ("roc_pr", "threshold_sensitivity", "subsampling"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 10_000
+    if an.get("classification", {}).get("source", "none") != "none":
+        assert json.loads((out / "classification" / "metrics.json").read_text())["methods"] == an["methods"]
+    # nothing left to do on a second run
+    again = snakemake(tmp_path, tmp_path / "c.yaml", "anomaly", "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr

@@ -1,0 +1,19 @@
+"""The VLM benchmark runs and reports what it promises (small settings; the full one is manual)."""
+
+from __future__ import annotations
+
+import json
+
+from vlmrel.bench import vlm as bench
+
+
+def test_bench_vlm_small(capsys):
+    bench.main(["--json", "--requests", "24", "--latency", "0.02", "--slots", "4", "--sequential-n", "4"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["capacity_req_per_s"] == 4 / 0.02
+    assert out["vlmrel"]["ok"] == 24 and out["vlmrel"]["server_requests"] == 24
+    assert out["vlmrel"]["server_peak_concurrency"] <= 4
+    assert out["cached"]["cache_hits"] == 24 and out["cached"]["server_requests"] == 0
+    assert out["cached"]["same_answers"]
+    assert out["seed_loop"]["ok"] == 4
+    assert set(out["targets"]) == {"fraction_of_capacity_ge_0.9", "cached_rerun_lt_1s"}
