@@ -11,6 +11,11 @@ from vlmrel.models import REGISTRY, preprocess_spec
 from vlmrel.pixels import preproc_key
 
 
+# A chain listed in `chains` needs its own section; the schema's defaults only keep the others parsing.
+for _chain in ("anomaly", "teacher", "grounding"):
+    if _chain in config.get("chains", []) and _chain not in config:
+        raise ValueError(f"config: chains lists {_chain!r} but the config has no '{_chain}:' section")
+
 validate(config, schema="../config/schema.yaml", set_default=True)
 
 RUN = config["run"]
@@ -42,8 +47,16 @@ GEOMETRY_EXPS = ("exp0b", "exp4_subset", "exp4_full")
 EXPERIMENTS = [e for e in (*TRIAL_EXPS, *GEOMETRY_EXPS) if e in MCDO]
 FORCE_PHASE2 = MCDO.get("gate", {}).get("force_phase2", False)
 
-# Models that preprocess identically share one pixel file, keyed by the preprocessing signature.
-MODELS_USED = list(dict.fromkeys(m for e in EXPERIMENTS for m in MCDO[e]["models"]))
+# teacher: heads on the image embeddings of registry models; the audited human truth when configured
+TEACHER = config["teacher"]
+TEACHER_DIR = f"{RESULTS}/teacher"
+TEACHER_MODELS = TEACHER["models"]
+TEACHER_AUDITED = TEACHER["human"]["audited"]
+TEACHER_TRUTH_KIND = "human_audited" if TEACHER_AUDITED else "auto"
+
+# Models that preprocess identically share one pixel file, keyed by the preprocessing signature
+# (mcdo's experiments and the teacher's embedding models read the same pixel files).
+MODELS_USED = list(dict.fromkeys([*(m for e in EXPERIMENTS for m in MCDO[e]["models"]), *TEACHER_MODELS]))
 PREPROC_OF = {m: preproc_key(preprocess_spec(m)) for m in MODELS_USED}
 SPEC_OF_PREPROC = {PREPROC_OF[m]: preprocess_spec(m) for m in MODELS_USED}
 
@@ -250,6 +263,27 @@ def anomaly_targets():
     return targets
 
 
+def teacher_truth(wildcards):
+    """The truth the heads are evaluated against: the audited human truth when configured."""
+    if TEACHER_AUDITED:
+        return f"{TEACHER_DIR}/ground_truth_human.json"
+    return f"{TEACHER_DIR}/ground_truth_auto.jsonl"
+
+
+def teacher_targets():
+    targets = [
+        f"{TEACHER_DIR}/raw.jsonl",
+        f"{TEACHER_DIR}/ground_truth_auto.jsonl",
+        f"{TEACHER_DIR}/human_sample.json",
+        f"{TEACHER_DIR}/label_studio/tasks.json",
+        f"{TEACHER_DIR}/label_studio/config.xml",
+    ]
+    for model in TEACHER_MODELS:
+        out = f"{TEACHER_DIR}/{model}"
+        targets += [f"{out}/eval.json", f"{out}/figures/confusion.png", f"{out}/figures/attributes.png"]
+    return targets
+
+
 def static_targets():
     targets = {
         "mcdo": phase1_targets,
@@ -264,5 +298,4 @@ def gated_targets(wildcards):
     return phase2_targets(wildcards) if "mcdo" in config["chains"] else []
 
 
-include: "common_teacher.smk"
 include: "common_grounding.smk"

@@ -212,3 +212,41 @@ def test_killed_and_resumed_prediction_equals_an_uninterrupted_one(demo, tmp_pat
     assert not resumed["cache_hit"].all()
     pd.testing.assert_frame_equal(full[CONTENT], resumed[CONTENT])
     assert (full["status"] == "failed").any()
+
+
+def test_unreadable_image_is_a_recorded_failure_not_a_crash(demo, tmp_path):
+    root, subset, grid = demo
+    idx = [r["index"] for r in subset["sample_records"]]
+    dataset = gp.load_samples({"source": "demo"}, str(root / "demo.parquet"), indices=idx)
+    dataset[2]._image_bytes = b"not an image"
+    out = tmp_path / "p.parquet"
+    gp.predict(
+        dataset=dataset,
+        subset=subset,
+        grid=grid,
+        vlm_cfg=_vlm(tmp_path / "c.sqlite", {}),
+        prompt=QWEN3_PROMPT,
+        coords="rel1000",
+        use_schema=True,
+        seed=0,
+        out_path=str(out),
+        stats_path=str(tmp_path / "s.json"),
+        sim_metadata=[str(root / "sim" / "metadata.json")],
+        progress=False,
+    )
+    df = pd.read_parquet(out)
+    bad = df["sample_id"] == dataset[2].sample_id
+    assert len(df) == 6 * (1 + len(grid))
+    assert (df.loc[bad, "failure_kind"] == "image_error").all() and df.loc[bad, "box"].isna().all()
+    assert df.loc[bad, "error"].str.contains("cannot read image").all()
+    assert (df.loc[~bad, "status"] == "ok").all()
+
+
+def test_grid_rejects_unusable_corruptions(tmp_path):
+    with pytest.raises(ValueError, match="fog"):
+        gp.write_grid({"corruptions": {"names": ["fog"], "severities": [1]}}, str(tmp_path / "g.tsv"))
+    with pytest.raises(ValueError, match="no_such_corruption"):
+        gp.write_grid({"corruptions": {"names": ["no_such_corruption"]}}, str(tmp_path / "g.tsv"))
+    with pytest.raises(ValueError, match="empty"):
+        gp.write_grid({}, str(tmp_path / "g.tsv"))
+    assert not (tmp_path / "g.tsv").exists()

@@ -223,6 +223,9 @@ def test_nested_snapshots_equal_separate_runs(encoders):
     assert np.array_equal(again.trace_post, nested.trace_post)
     other = run_trial(enc, batches, p=0.05, seed=7, trial=2, T_list=[4, 8, 16], progress=False)
     assert not np.allclose(other.trace_pre, nested.trace_pre)
+    # trial k's masks come from seed + k: trial 1 under seed 7 is trial 0 under seed 8
+    shifted = run_trial(enc, batches, p=0.05, seed=8, trial=0, T_list=[4, 8, 16], progress=False)
+    assert np.array_equal(shifted.trace_pre, nested.trace_pre)
     assert (
         nested.meta["model"] == "tiny_siglip" and nested.meta["trial"] == 1 and nested.meta["batch_size"] == 2
     )

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.workflow
         (lambda c: c["mcdo"]["exp0"].pop("models"), "models"),  # missing required value
         (lambda c: c["mcdo"].update(precision="fp8"), "fp8"),  # not an allowed value
         (lambda c: c["images"].update(source="/no/such/folder"), "/no/such/folder"),
+        (lambda c: c.pop("teacher"), "no 'teacher:' section"),  # a listed chain without its section
+        (lambda c: c["vlm"].update(backend="llama"), "llama"),
     ],
 )
 def test_bad_config_stops_with_a_message_naming_the_key(tmp_path, mutate, needle):
@@ -36,6 +38,15 @@ def test_bad_config_stops_with_a_message_naming_the_key(tmp_path, mutate, needle
     proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", cfg), "-n", check=False)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
+
+
+def test_sections_of_unlisted_chains_may_be_left_out(tmp_path):
+    cfg = load_config()
+    cfg["chains"] = ["mcdo"]
+    for section in ("anomaly", "vlm", "teacher", "grounding"):
+        cfg.pop(section, None)
+    proc = snakemake(tmp_path, write_config(tmp_path / "c.yaml", cfg), "-n")
+    assert job_counts(proc.stdout)["mcdo_gate"] == 1
 
 
 # ---- dry runs -------------------------------------------------------------------------------

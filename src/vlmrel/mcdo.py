@@ -430,8 +430,13 @@ class TrialResult:
 
 
 def pass_seed(seed: int, trial: int, batch: int, t: int) -> int:
-    """Seed of the generator for pass ``t`` of batch ``batch`` (independent of T_max)."""
-    state = np.random.SeedSequence([int(seed), int(trial), int(batch), int(t)]).generate_state(
+    """Seed of the generator for pass ``t`` of batch ``batch`` of trial ``trial``.
+
+    Trial k's stream is a function of ``seed + k`` alone (so trial k under seed s is trial k-1 under
+    seed s+1), spread over (batch, pass) by a SeedSequence so that a pass's masks do not depend on
+    T_max: the T=4 snapshot of a T_max=16 run equals a T=4 run, and batches are independent.
+    """
+    state = np.random.SeedSequence([int(seed) + int(trial), int(batch), int(t)]).generate_state(
         2, dtype=np.uint32
     )
     return (int(state[0]) << 31) ^ int(state[1])
@@ -518,7 +523,7 @@ def run_trial(
         "batch_size": batch_size,
         "T": Ts,
         "num_images": len(ids),
-        "rng": "pass_seed(seed, trial, batch, t) -> torch.Generator; geometric-gap Bernoulli masks",
+        "rng": "SeedSequence([seed + trial, batch, t]) -> torch.Generator per pass; geometric-gap Bernoulli masks",
     }
     return TrialResult(
         T=Ts,

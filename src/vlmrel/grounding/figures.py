@@ -199,7 +199,7 @@ def threshold_figure(thresholds_json: Mapping, path: str | os.PathLike[str], dpi
     ax.set_xlim(0, 1)
     ax.set_xlabel("IoU threshold")
     ax.set_title("Thresholds by signal and method")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     ax = axes[1]
     x = np.arange(len(signals))
     w = 0.27

@@ -190,6 +190,16 @@ def write_grid(cfg: Mapping, path: str) -> list[Perturbation]:
     grid = build_grid(cfg)
     if not grid:
         raise ValueError("grounding.perturbations: the grid is empty")
+    names = sorted({str(p.params["corruption"]) for p in grid if p.family == "corruption"})
+    if names:
+        from vlmrel.grounding.perturb import available_corruptions
+
+        usable = available_corruptions()
+        bad = [n for n in names if n not in usable]
+        if bad:
+            raise ValueError(
+                f"grounding.perturbations.corruptions: {bad} cannot be used; choose from {usable}"
+            )
     with atomic_path(path) as tmp:
         pd.DataFrame(grid_table(grid)).to_csv(tmp, sep="\t", index=False)
     log.info("grid: %d perturbations", len(grid))
@@ -272,8 +282,10 @@ def predict(
     columns = [ORIGINAL_ID, *grid]
     rows: list[dict] = []
     stats: dict = {"chunks": 0}
-    for chunk in _chunks(records, chunk_samples):
+    n_chunks = (len(records) + chunk_samples - 1) // max(1, chunk_samples)
+    for c, chunk in enumerate(_chunks(records, chunk_samples)):
         reqs, sizes = [], []
+        slots: list[int | dict] = []  # a request's index, or a row already failed here (no request)
         for rec in chunk:
             s = by_index[rec["index"]]
             if s.sample_id != rec["sample_id"]:
@@ -282,16 +294,31 @@ def predict(
                     f"but {rec['sample_id']!r} in the subset file (was the dataset changed?)"
                 )
             text = build_prompt(prompt, rec["expression"])
-            base = s.image()
+            try:
+                base, base_error = s.image(), None
+            except ValueError as exc:  # an unreadable image fails its requests, not the run
+                base, base_error = None, str(exc)
+                log.error("%s", exc)
             for p in columns:
-                img = (
-                    base
-                    if p == ORIGINAL_ID
-                    else apply_perturbation(base, p, sample_id=s.sample_id, seed=seed)
-                )
-                enc = vlm.encode_image(img, cfg.image)
                 pid = ORIGINAL_ID if p == ORIGINAL_ID else p.id
                 params = {} if p == ORIGINAL_ID else dict(p.params)
+                kind, error = ("image_error", base_error) if base is None else (None, None)
+                if base is not None:
+                    try:
+                        img = (
+                            base
+                            if p == ORIGINAL_ID
+                            else apply_perturbation(base, p, sample_id=s.sample_id, seed=seed)
+                        )
+                        enc = vlm.encode_image(img, cfg.image)
+                    except (ValueError, RuntimeError, OSError, vlm.ImageError) as exc:
+                        kind, error = "perturbation_error", f"{s.sample_id} {pid}: {exc}"
+                        log.error("%s", error)
+                if kind is not None:
+                    row = prediction_row(s.sample_id, pid, params, None, None, kind, 0.0, False)
+                    slots.append(row | {"error": error, "attempts": 0})
+                    continue
+                slots.append(len(reqs))
                 reqs.append(
                     vlm.Request(
                         prompt=text,
@@ -301,13 +328,18 @@ def predict(
                     )
                 )
                 sizes.append((enc.width, enc.height))
+        log.info("chunk %d/%d: %d samples, %d requests", c + 1, n_chunks, len(chunk), len(reqs))
         part_stats = Path(stats_path).with_suffix(".part.json")
-        results = vlm.run_requests(cfg, reqs, stats_path=part_stats, progress=progress)
+        results = vlm.run_requests(cfg, reqs, stats_path=part_stats, progress=progress) if reqs else []
         if part_stats.exists():
             _merge_stats(stats, read_json(part_stats))
             part_stats.unlink()
         stats["chunks"] += 1
-        for res, size in zip(results, sizes, strict=True):
+        for slot in slots:
+            if isinstance(slot, dict):
+                rows.append(slot)
+                continue
+            res, size = results[slot], sizes[slot]
             m = res.meta
             box, kind = None, None
             if res.ok:
