@@ -5,6 +5,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from vlmrel.grounding.pipeline import resolve_coords
 from vlmrel.images import list_images
 from vlmrel.io import read_json
 from vlmrel.models import REGISTRY, preprocess_spec
@@ -54,6 +55,13 @@ TEACHER_MODELS = TEACHER["models"]
 TEACHER_AUDITED = TEACHER["human"]["audited"]
 TEACHER_TRUTH_KIND = "human_audited" if TEACHER_AUDITED else "auto"
 
+# grounding: referring expressions x perturbations through the VLM client (demo: the simulator)
+GROUNDING = config["grounding"]
+GSUBSET = GROUNDING["subset"]["name"]
+GDATA = GROUNDING["data"]
+GDEMO = GDATA["source"] == "demo"
+GSIM = bool(config["vlm"]["simulator"]["enabled"])
+
 # Models that preprocess identically share one pixel file, keyed by the preprocessing signature
 # (mcdo's experiments and the teacher's embedding models read the same pixel files).
 MODELS_USED = list(dict.fromkeys([*(m for e in EXPERIMENTS for m in MCDO[e]["models"]), *TEACHER_MODELS]))
@@ -69,6 +77,7 @@ wildcard_constraints:
     p=r"[0-9][0-9.e-]*",
     exp="|".join(EXPERIMENTS),
     kind="input|dropconnect|gaussian",
+    subset=re.escape(GSUBSET),
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -284,6 +293,59 @@ def teacher_targets():
     return targets
 
 
+def grounding_dataset(wildcards=None):
+    """The dataset files a grounding job reads: the generated demo parquet or the configured local files."""
+    if GDEMO:
+        return [f"{RESULTS}/grounding/data/demo.parquet"]
+    if GDATA["source"] == "parquet":
+        path = GDATA["parquet"]["path"]
+        if not path:
+            raise ValueError("config grounding.data.parquet.path: not set (the RefCOCO parquet file or folder)")
+        if not Path(path).exists():
+            raise ValueError(f"config grounding.data.parquet.path: {path!r} does not exist")
+        return [path]
+    cc = GDATA["classic"]
+    missing = [k for k in ("refs", "instances", "images") if not cc[k] or not Path(cc[k]).exists()]
+    if missing:
+        raise ValueError(f"config grounding.data.classic: {missing} not set or not found")
+    return [cc["refs"], cc["instances"]]
+
+
+def grounding_indices_file(wildcards=None):
+    """A saved subset to reuse (grounding.subset.indices), or nothing."""
+    return [GROUNDING["subset"]["indices"]] if GROUNDING["subset"]["indices"] else []
+
+
+def grounding_sim_metadata(wildcards=None):
+    """The simulator's metadata of the demo scenes, when the demo talks to the simulator."""
+    return [f"{RESULTS}/grounding/data/demo_sim"] if GDEMO and GSIM else []
+
+
+def grounding_coords():
+    return resolve_coords(GROUNDING["coords"], config["vlm"]["model"])
+
+
+def grounding_drift_input(wildcards):
+    """drift.parquet when semantic drift is enabled (thresholds, boundary and figures use it if there)."""
+    if GROUNDING["drift"]["enabled"]:
+        return [f"{RESULTS}/grounding/{wildcards.subset}/drift.parquet"]
+    return []
+
+
+def grounding_targets():
+    out = f"{RESULTS}/grounding/{GSUBSET}"
+    return [
+        f"{RESULTS}/grounding/subsets/{GSUBSET}.json",
+        f"{out}/predictions.parquet",
+        f"{out}/ious.parquet",
+        f"{out}/thresholds.json",
+        f"{out}/boundary.json",
+        f"{out}/figures/validation.png",
+        f"{out}/figures/thresholds.png",
+        f"{out}/figures/timing.png",
+    ]
+
+
 def static_targets():
     targets = {
         "mcdo": phase1_targets,
@@ -296,6 +358,3 @@ def static_targets():
 
 def gated_targets(wildcards):
     return phase2_targets(wildcards) if "mcdo" in config["chains"] else []
-
-
-include: "common_grounding.smk"

@@ -50,7 +50,7 @@ def experiment_summary(exp: str, model: str, groups: Mapping[str, Sequence[PathL
         out = phase2.synthetic_separation(natural, synthetic)
     else:
         raise ValueError(f"no summary defined for experiment {exp!r}")
-    return {"experiment": exp, "model": model, "score": f"trace_{SCORE_SPACE} at max T", **out}
+    return {**out, "experiment": exp, "model": model, "score": f"trace_{SCORE_SPACE} at max T"}
 
 
 def _split_synthetic(ids: Sequence[str], scores: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
