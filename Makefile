@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 DEMO_CONFIG := config/demo.yaml
 
-.PHONY: demo test lint bench clean-demo
+.PHONY: demo test bench clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
+	$(BIN)/snakemake --lint
 	$(BIN)/snakemake --lint --configfile $(DEMO_CONFIG)
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m vlmrel.bench mcdo --json
+	$(BIN)/python -m vlmrel.bench anomaly --json
+	$(BIN)/python -m vlmrel.bench thresholds --json
+	$(BIN)/python -m vlmrel.bench vlm --json
 
 clean-demo:
 	rm -rf results/demo .snakemake

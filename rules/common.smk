@@ -27,12 +27,6 @@ EXP0 = MCDO["exp0"]
 GPU = 1 if config["device"].startswith("cuda") else 0
 DEMO_IMAGES = config["images"]["source"] == "demo"
 
-if not DEMO_IMAGES and not Path(config["images"]["source"]).is_dir():
-    raise ValueError(
-        f"config images.source: {config['images']['source']!r} is not a folder "
-        "(use 'demo' for the built-in demo images, or the path of your image folder)"
-    )
-
 
 def fmt_p(p):
     """Dropout rate as it appears in paths: 0.01 -> '0.01'."""
@@ -93,6 +87,11 @@ def image_inputs(wildcards):
     if DEMO_IMAGES:
         return [f"{RESULTS}/images/demo"]
     cfg = config["images"]
+    if not Path(cfg["source"]).is_dir():  # checked here, when a job needs the images, so --lint works
+        raise ValueError(
+            f"config images.source: {cfg['source']!r} is not a folder "
+            "(use 'demo' for the built-in demo images, or the path of your image folder)"
+        )
     return [str(p) for p in list_images(cfg["source"], cfg["glob"], cfg["limit"], cfg["subset_seed"])]
 
 
