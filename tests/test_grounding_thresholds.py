@@ -4,17 +4,20 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy.special import xlogy
 from sklearn.metrics import mutual_info_score
 
 from vlmrel.grounding import optimal_thresholds
 from vlmrel.grounding.thresholds import (
     BASELINE_THRESHOLDS,
+    _xlogx_table,
     bin_signal,
     brute_force_thresholds,
     candidate_cuts,
     iou_to_class,
     lbfgsb_thresholds,
     mutual_information,
+    solve_partition,
     threshold_comparison,
 )
 
@@ -141,3 +144,61 @@ def test_exact_with_few_signal_values(seed):
     assert mi == pytest.approx(_independent_brute(iou, sig, k, 3, "width"), abs=1e-12)
     assert mutual_information(iou, sig, t, 3) == pytest.approx(mi, abs=1e-12)
     assert len(t) == k and np.all(np.diff(t) > 0) and 0 < t.min() and t.max() < 1
+
+
+def _reference_partition(counts: np.ndarray, r: int) -> float:
+    """Plain DP written independently: max of sum_classes [sum c log c - |c| log |c|] over r cuts."""
+    cum = np.vstack([np.zeros((1, counts.shape[1])), np.cumsum(counts, 0)])
+    m = counts.shape[0]
+    best = np.full((r + 2, m + 1), -np.inf)
+    best[0, 0] = 0.0
+    for j in range(1, m + 1):
+        d = cum[j] - cum[:j]
+        g = xlogy(d, d).sum(1) - xlogy(d.sum(1), d.sum(1))
+        for seg in range(1, r + 2):
+            best[seg, j] = np.max(best[seg - 1, :j] + g)
+    return float(best[r + 1, m])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_branch_and_bound_equals_plain_dp(seed):
+    """The branch and bound (used above 256 blocks) finds the plain DP's optimum, with few or many
+    cells, ties, singletons or multi-count blocks, and 1..4 cuts."""
+    rng = np.random.default_rng(2000 + seed)
+    m = int(rng.integers(8, 300))
+    n_bins = int(rng.integers(2, 9))
+    if seed % 3 == 0:  # one observation per block, as distinct IoUs give
+        counts = np.eye(n_bins, dtype=np.int64)[rng.integers(0, n_bins, m)]
+    else:  # a drifting bin distribution, several observations per block
+        drift = np.linspace(0, 1, m)[:, None] * rng.random(n_bins)[None, :] + rng.random(n_bins)
+        counts = np.stack([rng.multinomial(int(rng.integers(1, 4)), p / p.sum()) for p in drift])
+    r = min(int(rng.integers(1, 5)), m - 1)
+    cum = np.zeros((m + 1, n_bins), dtype=np.int64)
+    np.cumsum(counts, 0, out=cum[1:])
+    tot = cum.sum(1)
+    xlx = _xlogx_table(int(tot[-1]))
+    ref = _reference_partition(counts, r)
+    for n_cells in (2, 7, 32):
+        value, cuts = solve_partition(cum, tot, xlx, r, method="bnb", n_cells=n_cells)
+        assert value == pytest.approx(ref, rel=1e-12, abs=1e-9)
+        assert len(cuts) == r and cuts == sorted(set(cuts)) and 0 < cuts[0] and cuts[-1] < m
+        # the cuts achieve the value
+        edges = [0, *cuts, m]
+        seg = np.add.reduceat(counts, edges[:-1], axis=0)
+        got = float(xlogy(seg, seg).sum() - xlogy(seg.sum(1), seg.sum(1)).sum())
+        assert got == pytest.approx(value, rel=1e-12, abs=1e-9)
+    assert solve_partition(cum, tot, xlx, r, method="dp")[0] == pytest.approx(ref, rel=1e-12, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_on_hundreds_of_distinct_ious(seed):
+    """Continuous IoUs (every value distinct, the branch and bound's case) against the plain DP."""
+    iou, sig = _data(40 + seed, 700, None, coupled=seed % 2 == 0)
+    bins = bin_signal(sig, 20)
+    order = np.argsort(iou)
+    counts = np.eye(20, dtype=np.int64)[bins[order]]
+    n_b = counts.sum(0)
+    h = float(xlogy(700, 700) - xlogy(n_b, n_b).sum())
+    t, mi = optimal_thresholds(iou, sig, 3, 20)
+    assert mi == pytest.approx((_reference_partition(counts, 3) + h) / 700, abs=1e-12)
+    assert mutual_info_score(iou_to_class(iou, t), bins) == pytest.approx(mi, abs=1e-12)

@@ -178,7 +178,7 @@ def run(k: int = 3, n_bins: int = 20, repeats: int = 3) -> dict:
             }
         )
     return {
-        "benchmark": "grounding",
+        "benchmark": "thresholds",
         "what": "exact DP MI threshold search vs notebook 02's L-BFGS-B (10 starts) and the baseline",
         "mi_units": "nats",
         "k": k,
