@@ -188,31 +188,42 @@ def _pad_thresholds(cuts: list[float], values: np.ndarray, k: int) -> np.ndarray
     return np.sort(np.asarray(cuts + extra, dtype=float))
 
 
-_CHUNK = 1 << 21  # count-table entries built at once
+_CHUNK = 1 << 15  # pairs evaluated at once (keeps the working set in cache)
 
 
-def _phi(cum: np.ndarray, tot: np.ndarray, xlx: np.ndarray, a, b) -> np.ndarray:
-    """``phi = |c| H(c / |c|)`` (nats x count) of the blocks ``[a, b)``, elementwise; 0 where empty."""
-    out = np.empty(np.broadcast(a, b).shape)
-    a, b = np.broadcast_arrays(a, b)
-    fa, fb, fo = a.reshape(-1), b.reshape(-1), out.reshape(-1)
-    step = max(1, _CHUNK // cum.shape[1])
-    for s in range(0, fa.size, step):
-        aa, bb = fa[s : s + step], fb[s : s + step]
-        n = tot[bb] - tot[aa]
-        ok = n > 0
-        d = cum[bb] - cum[aa]
-        d[~ok] = 0
-        fo[s : s + step] = np.where(ok, xlx[np.where(ok, n, 0)] - xlx[d].sum(-1), 0.0)
-    return out
+class _CountTable:
+    """Cumulative bin counts of ``m`` blocks and ``phi`` of any block range ``[a, b)``."""
+
+    def __init__(self, cum: np.ndarray) -> None:
+        cum = np.asarray(cum, dtype=np.int64)
+        self.m = cum.shape[0] - 1
+        self.cum_t = np.ascontiguousarray(cum.T)  # [B, m + 1]: one gather per bin
+        self.tot = cum.sum(1)
+        self.xlx = _xlogx_table(int(self.tot[-1]))
+
+    def phi(self, a, b) -> np.ndarray:
+        """``phi = |c| H(c / |c|)`` (nats x count) of the blocks ``[a, b)``, elementwise; 0 if empty."""
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        shape = a.shape
+        a = a.reshape(-1)
+        b = np.maximum(a, b.reshape(-1))
+        out = np.empty(a.size)
+        xlx, tot = self.xlx, self.tot
+        for s in range(0, a.size, _CHUNK):
+            aa, bb = a[s : s + _CHUNK], b[s : s + _CHUNK]
+            acc = xlx[tot[bb] - tot[aa]]
+            for row in self.cum_t:
+                acc -= xlx[row[bb] - row[aa]]
+            out[s : s + _CHUNK] = acc
+        return out.reshape(shape)
 
 
-def _dense_dp(cum: np.ndarray, tot: np.ndarray, xlx: np.ndarray, positions: list) -> tuple[float, list[int]]:
+def _dense_dp(tab: _CountTable, positions: list) -> tuple[float, list[int]]:
     """Max of ``-sum phi`` over cuts ``c_1 < ... < c_r`` with ``c_s`` from ``positions[s - 1]``.
 
     The plain DP, ``O(sum_s |P_(s-1)| |P_s| B)``. Returns ``(value, cuts)``; ``(-inf, [])`` when no
     increasing choice exists."""
-    m = cum.shape[0] - 1
+    m = tab.m
     layers = [np.array([0])] + [np.asarray(p, dtype=np.int64) for p in positions] + [np.array([m])]
     best = np.zeros(1)
     args = []
@@ -220,10 +231,10 @@ def _dense_dp(cum: np.ndarray, tot: np.ndarray, xlx: np.ndarray, positions: list
         a, b = layers[s - 1], layers[s]
         cand = np.full((a.size, b.size), -np.inf)
         # only pairs a < b; rows chunked to bound memory
-        step = max(1, _CHUNK // max(1, b.size * cum.shape[1]))
+        step = max(1, _CHUNK // max(1, b.size))
         for r in range(0, a.size, step):
             aa = a[r : r + step]
-            value = best[r : r + step, None] - _phi(cum, tot, xlx, aa[:, None], b[None, :])
+            value = best[r : r + step, None] - tab.phi(aa[:, None], b[None, :])
             cand[r : r + step] = np.where(aa[:, None] < b[None, :], value, -np.inf)
         i = np.argmax(cand, axis=0)
         best = cand[i, np.arange(b.size)]
@@ -237,13 +248,13 @@ def _dense_dp(cum: np.ndarray, tot: np.ndarray, xlx: np.ndarray, positions: list
     return float(best[0]), cuts[::-1]
 
 
-def _kappa(cum: np.ndarray, tot: np.ndarray, xlx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _kappa(tab: _CountTable, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Least ``phi([lo, c)) + phi([c, hi))`` over one cut ``c`` in ``[lo, hi]``, for each cell."""
     size = hi - lo + 1
     first = np.cumsum(size) - size
     cell = np.repeat(np.arange(lo.size), size)
     c = np.arange(int(size.sum())) - first[cell] + lo[cell]
-    v = _phi(cum, tot, xlx, lo[cell], c) + _phi(cum, tot, xlx, c, hi[cell])
+    v = tab.phi(lo[cell], c) + tab.phi(c, hi[cell])
     return np.minimum.reduceat(v, first)
 
 
@@ -276,9 +287,7 @@ def _expand(pa, pc, fa, na, fc, nc) -> tuple[np.ndarray, np.ndarray]:
     return fa[pa][idx] + within // ncc, fc[pc][idx] + within % ncc
 
 
-def _branch_and_bound(
-    cum: np.ndarray, tot: np.ndarray, xlx: np.ndarray, r: int, n_cells: int = 256
-) -> tuple[float, list[int]]:
+def _branch_and_bound(tab: _CountTable, r: int, n_cells: int = 256) -> tuple[float, list[int]]:
     """Exact max of ``-sum phi`` over ``r`` cuts by branch and bound on cells of cut positions.
 
     Every cut starts with the same ``n_cells`` cells of consecutive positions; each level bounds
@@ -287,7 +296,7 @@ def _branch_and_bound(
     cuts are therefore equal or disjoint. The bound (module docstring) is exact once every cell is
     one position, so the best surviving configuration then is the optimum.
     """
-    m = cum.shape[0] - 1
+    m = tab.m
     edges = np.unique(np.linspace(1, m, min(n_cells, m - 1) + 1).astype(np.int64))
     lo = [np.array([0])] + [edges[:-1].copy() for _ in range(r)] + [np.array([m])]
     hi = [np.array([0])] + [edges[1:] - 1 for _ in range(r)] + [np.array([m])]
@@ -298,18 +307,17 @@ def _branch_and_bound(
         pairs.append((ga.ravel(), gc.ravel()))
     lb, lb_cuts = -np.inf, None
     while True:
-        kap = [np.zeros(1)] + [_kappa(cum, tot, xlx, lo[s], hi[s]) for s in range(1, r + 1)] + [np.zeros(1)]
-        t = []
         for s in range(1, r + 2):
             pa, pc = pairs[s - 1]
             feas = lo[s - 1][pa] < hi[s][pc]
-            pa, pc = pa[feas], pc[feas]
-            pairs[s - 1] = (pa, pc)
-            same = (lo[s - 1][pa] == lo[s][pc]) & (hi[s - 1][pa] == hi[s][pc])
+            pairs[s - 1] = (pa[feas], pc[feas])
+        kap = [np.zeros(1)] + [_kappa(tab, lo[s], hi[s]) for s in range(1, r + 1)] + [np.zeros(1)]
+        t = []
+        for s in range(1, r + 2):
+            pa, pc = pairs[s - 1]
+            same = lo[s - 1][pa] == lo[s][pc]  # cells of two cuts are equal or disjoint
             t.append(
-                -_phi(cum, tot, xlx, hi[s - 1][pa], lo[s][pc])
-                - kap[s][pc]
-                + np.where(same, 2 * kap[s - 1][pa], 0.0)
+                -tab.phi(hi[s - 1][pa], lo[s][pc]) - kap[s][pc] + np.where(same, 2 * kap[s - 1][pa], 0.0)
             )
         fwd = [np.zeros(1)]
         for s in range(1, r + 2):
@@ -328,7 +336,7 @@ def _branch_and_bound(
             j = int(pa[at[np.argmax(fwd[s - 1][pa[at]] + t[s - 1][at])]])
             cells.append((lo[s - 1][j], hi[s - 1][j]))
         cells = cells[::-1]
-        value, cuts = _dense_dp(cum, tot, xlx, [np.arange(a, b + 1) for a, b in cells])
+        value, cuts = _dense_dp(tab, [np.arange(a, b + 1) for a, b in cells])
         if value > lb:
             lb, lb_cuts = value, cuts
         if all((lo[s] == hi[s]).all() for s in range(1, r + 1)):
@@ -367,22 +375,26 @@ def _branch_and_bound(
 
 
 def solve_partition(
-    cum: np.ndarray, tot: np.ndarray, xlx: np.ndarray, r: int, *, method: str = "auto", n_cells: int = 256
+    counts: np.ndarray, r: int, *, method: str = "auto", n_cells: int = 256
 ) -> tuple[float, list[int]]:
     """Exact ``max -sum_segments phi`` over ``r`` cuts ``0 < c_1 < ... < c_r < m`` of ``m`` blocks.
 
-    ``cum`` is the cumulative bin-count table ``[m + 1, B]``, ``tot`` its row sums and ``xlx`` the
-    ``x log x`` table. ``method="dp"`` is the plain dynamic programme over every position,
-    ``"bnb"`` the branch and bound (same optimum, far fewer pairs when ``m`` is large), ``"auto"``
-    the DP up to ``n_cells`` positions. Returns the value and the cut positions.
+    ``counts`` is the bin-count vector of each block, ``[m, B]`` (integers) in IoU order; a cut at
+    ``c`` starts a new segment with block ``c``. ``method="dp"`` is the plain dynamic programme over
+    every position, ``"bnb"`` the branch and bound (same optimum, far fewer pairs when ``m`` is
+    large), ``"auto"`` the DP up to ``n_cells`` positions. Returns the value and the cut positions.
     """
-    m = cum.shape[0] - 1
+    counts = np.asarray(counts, dtype=np.int64)
+    cum = np.zeros((counts.shape[0] + 1, counts.shape[1]), dtype=np.int64)
+    np.cumsum(counts, axis=0, out=cum[1:])
+    tab = _CountTable(cum)
+    m = tab.m
     if r <= 0:
-        return -float(_phi(cum, tot, xlx, np.array(0), np.array(m))), []
+        return -float(tab.phi(np.array(0), np.array(m))), []
     if method == "dp" or (method == "auto" and m - 1 <= n_cells):
-        return _dense_dp(cum, tot, xlx, [np.arange(1, m)] * r)
+        return _dense_dp(tab, [np.arange(1, m)] * r)
     if method in ("bnb", "auto"):
-        return _branch_and_bound(cum, tot, xlx, r, n_cells)
+        return _branch_and_bound(tab, r, n_cells)
     raise ValueError(f"unknown method {method!r}; choose auto, dp or bnb")
 
 
@@ -411,15 +423,12 @@ def optimal_thresholds(
     block_last = g.values[np.concatenate([starts[1:] - 1, [g.values.size - 1]])]
     m = block_counts.shape[0]
     n = iou.size
-    cum = np.zeros((m + 1, n_bins), dtype=np.int64)
-    np.cumsum(block_counts, axis=0, out=cum[1:])
-    tot = cum[:, :].sum(1)
+    n_b = block_counts.sum(0)
     xlx = _xlogx_table(n)
-    n_b = cum[-1]
-    h_s_term = float(xlx[n] - xlx[n_b].sum())  # n * H(S) in nats * n
+    h_s_term = float(xlx[n] - xlx[n_b].sum())  # n H(S), nats x count
 
     r = min(k, m - 1)  # more classes than blocks cannot help; splitting never lowers MI
-    total, cut_blocks = solve_partition(cum, tot, xlx, r)
+    total, cut_blocks = solve_partition(block_counts, r)
     mi = max(0.0, (total + h_s_term) / n)
     cuts = [float((block_last[b - 1] + block_first[b]) / 2.0) for b in cut_blocks]
     return _pad_thresholds(cuts, g.values, k), float(mi)
