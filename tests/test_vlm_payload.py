@@ -65,6 +65,21 @@ def test_cache_key_uses_encoded_bytes(tmp_path: Path) -> None:
     assert vlm.chat_key(cfg.replace(model="other"), "p", e_png.sha256, None) != k
     assert vlm.chat_key(cfg.replace(endpoints=["http://elsewhere:1"]), "p", e_png.sha256, None) == k
     assert vlm.chat_key(cfg, "p", e_png.sha256, vlm.GROUNDING_SCHEMA) != k
+    # the simulator's answer-shaping settings are part of the key; its latency and faults are not
+    sim = cfg.replace(simulator={"enabled": True})
+    ks = vlm.chat_key(sim, "p", e_png.sha256, None)
+    assert ks != k
+    assert (
+        vlm.chat_key(
+            sim.replace(simulator={"enabled": True, "grounding_sensitivity": 0.4}), "p", e_png.sha256, None
+        )
+        != ks
+    )
+    assert (
+        vlm.chat_key(sim.replace(simulator={"enabled": True, "latency_s": 0.5}), "p", e_png.sha256, None)
+        == ks
+    )
+    assert vlm.embed_key(sim, "t") != vlm.embed_key(cfg, "t")
 
 
 def test_image_modes_and_exif_orientation() -> None:

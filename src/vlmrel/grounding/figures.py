@@ -7,6 +7,7 @@ out of the IoU panels (seed defect 1).
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -155,10 +156,13 @@ def validation_figure(
         ["Thresholds from", str(boundary["thresholds_source"])],
     ]
     ax.axis("off")
+    rows = [[textwrap.fill(cell, 30) for cell in row] for row in rows]  # long values wrap in the cell
     table = ax.table(cellText=rows, cellLoc="left", loc="center", colWidths=[0.5, 0.5])
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1, 1.8)
+    for (i, _), cell in table.get_celld().items():
+        cell.set_height(cell.get_height() * max(r.count("\n") + 1 for r in rows[i]))
     ax.set_title("Summary")
     fig.suptitle(
         f"Grounding validation; boundary definition: {definition} ({BOUNDARY_DEFINITIONS[definition]})",

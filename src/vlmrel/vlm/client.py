@@ -85,6 +85,20 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
+def _simulated(cfg: VLMConfig, fields: dict[str, Any]) -> dict[str, Any]:
+    """Add the simulator's answer-shaping settings to a key, so changing them is not served stale
+    answers from the cache (a real server's answers depend on the model, already in the key)."""
+    sim = cfg.simulator
+    if sim.enabled:
+        fields["simulator"] = {
+            "seed": sim.seed,
+            "coords": sim.coords,
+            "grounding_sensitivity": float(sim.grounding_sensitivity),
+            "embedding_dim": sim.embedding_dim,
+        }
+    return fields
+
+
 def chat_key(
     cfg: VLMConfig,
     prompt: str,
@@ -94,34 +108,40 @@ def chat_key(
 ) -> str:
     """Content address of a chat request: backend, model, prompt, encoded image, schema, sampling."""
     return _sha(
-        {
-            "v": KEY_VERSION,
-            "kind": "chat",
-            "backend": cfg.backend,
-            "model": cfg.model,
-            "system": system,
-            "prompt": prompt,
-            "image_sha256": image_sha256,
-            "schema": schema,
-            "structured_output": cfg.structured_output,
-            "generation": cfg.generation.key_dict(),
-            "salt": cfg.cache_salt,
-        }
+        _simulated(
+            cfg,
+            {
+                "v": KEY_VERSION,
+                "kind": "chat",
+                "backend": cfg.backend,
+                "model": cfg.model,
+                "system": system,
+                "prompt": prompt,
+                "image_sha256": image_sha256,
+                "schema": schema,
+                "structured_output": cfg.structured_output,
+                "generation": cfg.generation.key_dict(),
+                "salt": cfg.cache_salt,
+            },
+        )
     )
 
 
 def embed_key(cfg: VLMConfig, text: str) -> str:
     """Content address of one text embedding: backend, model, dimensions, text."""
     return _sha(
-        {
-            "v": KEY_VERSION,
-            "kind": "embed",
-            "backend": cfg.embedding.backend or cfg.backend,
-            "model": cfg.embedding.model,
-            "dimensions": cfg.embedding.dimensions,
-            "text": text,
-            "salt": cfg.cache_salt,
-        }
+        _simulated(
+            cfg,
+            {
+                "v": KEY_VERSION,
+                "kind": "embed",
+                "backend": cfg.embedding.backend or cfg.backend,
+                "model": cfg.embedding.model,
+                "dimensions": cfg.embedding.dimensions,
+                "text": text,
+                "salt": cfg.cache_salt,
+            },
+        )
     )
 
 
