@@ -531,7 +531,11 @@ def threshold_comparison(
         iou_c, sig_c, k, n_bins, binning=binning, n_restarts=lbfgsb_restarts, seed=seed
     )
     mi_base = mutual_information(iou_c, sig_c, baseline, n_bins, binning)
-    out["exact"] = {"thresholds": t_exact.tolist(), "mi": mi_exact, "method": "dp"}
+    out["exact"] = {
+        "thresholds": t_exact.tolist(),
+        "mi": mi_exact,
+        "method": "exact (DP up to 256 blocks, else branch and bound)",
+    }
     out["lbfgsb"] = {
         "thresholds": t_lb.tolist(),
         "mi": mi_lb,
