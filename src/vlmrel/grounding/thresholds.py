@@ -192,11 +192,13 @@ _CHUNK = 1 << 15  # pairs evaluated at once (keeps the working set in cache)
 
 
 class _CountTable:
-    """Cumulative bin counts of ``m`` blocks and ``phi`` of any block range ``[a, b)``."""
+    """Cumulative bin counts of ``m`` blocks (``counts``, ``[m, B]``) and ``phi`` of any block range."""
 
-    def __init__(self, cum: np.ndarray) -> None:
-        cum = np.asarray(cum, dtype=np.int64)
-        self.m = cum.shape[0] - 1
+    def __init__(self, counts: np.ndarray) -> None:
+        counts = np.asarray(counts, dtype=np.int64)
+        cum = np.zeros((counts.shape[0] + 1, counts.shape[1]), dtype=np.int64)
+        np.cumsum(counts, axis=0, out=cum[1:])
+        self.m = counts.shape[0]
         self.cum_t = np.ascontiguousarray(cum.T)  # [B, m + 1]: one gather per bin
         self.tot = cum.sum(1)
         self.xlx = _xlogx_table(int(self.tot[-1]))
@@ -307,14 +309,13 @@ def _branch_and_bound(tab: _CountTable, r: int, n_cells: int = 256) -> tuple[flo
         pairs.append((ga.ravel(), gc.ravel()))
     lb, lb_cuts = -np.inf, None
     while True:
-        for s in range(1, r + 2):
-            pa, pc = pairs[s - 1]
-            feas = lo[s - 1][pa] < hi[s][pc]
-            pairs[s - 1] = (pa[feas], pc[feas])
         kap = [np.zeros(1)] + [_kappa(tab, lo[s], hi[s]) for s in range(1, r + 1)] + [np.zeros(1)]
         t = []
         for s in range(1, r + 2):
             pa, pc = pairs[s - 1]
+            feas = lo[s - 1][pa] < hi[s][pc]
+            pa, pc = pa[feas], pc[feas]
+            pairs[s - 1] = (pa, pc)
             same = lo[s - 1][pa] == lo[s][pc]  # cells of two cuts are equal or disjoint
             t.append(
                 -tab.phi(hi[s - 1][pa], lo[s][pc]) - kap[s][pc] + np.where(same, 2 * kap[s - 1][pa], 0.0)
@@ -384,13 +385,13 @@ def solve_partition(
     every position, ``"bnb"`` the branch and bound (same optimum, far fewer pairs when ``m`` is
     large), ``"auto"`` the DP up to ``n_cells`` positions. Returns the value and the cut positions.
     """
-    counts = np.asarray(counts, dtype=np.int64)
-    cum = np.zeros((counts.shape[0] + 1, counts.shape[1]), dtype=np.int64)
-    np.cumsum(counts, axis=0, out=cum[1:])
-    tab = _CountTable(cum)
+    return _solve(_CountTable(counts), r, method, n_cells)
+
+
+def _solve(tab: _CountTable, r: int, method: str = "auto", n_cells: int = 256) -> tuple[float, list[int]]:
     m = tab.m
     if r <= 0:
-        return -float(tab.phi(np.array(0), np.array(m))), []
+        return -float(tab.phi(0, m)), []
     if method == "dp" or (method == "auto" and m - 1 <= n_cells):
         return _dense_dp(tab, [np.arange(1, m)] * r)
     if method in ("bnb", "auto"):
@@ -421,14 +422,12 @@ def optimal_thresholds(
     # cut between block j-1 and j lies at the midpoint of the two distinct values around it
     block_first = g.values[starts]
     block_last = g.values[np.concatenate([starts[1:] - 1, [g.values.size - 1]])]
-    m = block_counts.shape[0]
+    tab = _CountTable(block_counts)
     n = iou.size
-    n_b = block_counts.sum(0)
-    xlx = _xlogx_table(n)
-    h_s_term = float(xlx[n] - xlx[n_b].sum())  # n H(S), nats x count
+    h_s_term = float(tab.phi(0, tab.m))  # n H(S), nats x count
 
-    r = min(k, m - 1)  # more classes than blocks cannot help; splitting never lowers MI
-    total, cut_blocks = solve_partition(block_counts, r)
+    r = min(k, tab.m - 1)  # more classes than blocks cannot help; splitting never lowers MI
+    total, cut_blocks = _solve(tab, r)
     mi = max(0.0, (total + h_s_term) / n)
     cuts = [float((block_last[b - 1] + block_first[b]) / 2.0) for b in cut_blocks]
     return _pad_thresholds(cuts, g.values, k), float(mi)
