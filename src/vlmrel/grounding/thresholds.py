@@ -37,16 +37,18 @@ without that cut exists. The tests check the result against brute force over all
 Branch and bound (``m`` above ``n_cells`` blocks): the plain DP is quadratic in ``m`` (8,000
 distinct IoUs take seconds), so :func:`solve_partition` searches over *cells* of consecutive cut
 positions instead and refines only where the optimum can be. With ``phi(segment) = n H(S)`` of the
-segment (``n * MI = n H(S) - sum phi``), two facts give a bound: ``phi`` never decreases when a
-segment grows, and it is superadditive (``phi(X u Y) >= phi(X) + phi(Y)``, concavity of ``H``).
-If cut ``s`` lies somewhere in cell ``A_s = [lo_s, hi_s]``, the segment between cuts ``s`` and
-``s + 1`` contains the blocks ``[hi_s, lo_(s+1))`` whatever the exact positions, and the blocks of
-cell ``A_s`` are split between its two segments at a cost of at least
-``kappa(A_s) = min_c phi([lo_s, c)) + phi([c, hi_s))``. So ``sum phi >= sum_s phi([hi_s, lo_(s+1)))
-+ sum_s kappa(A_s)``, a sum over consecutive pairs of cells, which a forward and a backward pass
-maximise for every pair at once (two cuts in one cell only get ``>= 0`` for that cell, so its
-``kappa`` is taken back). Pairs whose best bound is below the best exact value found so far (the
-DP inside the best-bounded cells) cannot hold the optimum and are dropped; the others are halved,
+segment (``n * MI = n H(S) - sum phi``): ``phi`` never decreases when a segment grows, and it is
+superadditive (``phi(X u Y) >= phi(X) + phi(Y)``, concavity of ``H``). If cut ``s`` lies somewhere in
+cell ``A_s = [lo_s, hi_s]``, the segment between cuts ``s`` and ``s + 1`` contains the *core*
+``[hi_s, lo_(s+1))`` whatever the exact positions, and the *free* blocks ``[lo_s, hi_s)`` of each
+cell are split between its two segments. Adding a part ``P`` to a segment ``Y`` raises ``phi`` by
+at least ``phi(P)``, and (``x log x`` is convex) by at least the increase computed with ``|Y|`` as
+small and each bin count of ``Y`` as large as the neighbouring cells still paired with ``A_s``
+allow. The least of these costs over the cut position in the cell, ``kappa(A_s)``, gives
+``sum phi >= sum_s phi(core_s) + sum_s kappa(A_s)``: a sum over consecutive pairs of cells, which a
+forward and a backward pass maximise for every pair at once (two cuts in one cell count that
+cell's blocks as 0). Pairs whose best bound is below the best exact value found so far (the DP
+inside the best-bounded cells) cannot hold the optimum and are dropped; the others are halved,
 until every cell is one position, where the bound is the objective itself. The result equals
 the plain DP's (tested on random tables with ties, few and many bins).
 
@@ -192,10 +194,13 @@ _CHUNK = 1 << 15  # pairs evaluated at once (keeps the working set in cache)
 
 
 class _CountTable:
-    """Cumulative bin counts of ``m`` blocks (``counts``, ``[m, B]``) and ``phi`` of any block range."""
+    """Cumulative bin counts of ``m`` blocks (``counts``, ``[m, B]``) and ``phi`` of any block range.
+
+    Bins empty in every block are left out: they add ``0 log 0 = 0`` to every ``phi``."""
 
     def __init__(self, counts: np.ndarray) -> None:
         counts = np.asarray(counts, dtype=np.int64)
+        counts = counts[:, counts.sum(0) > 0]
         cum = np.zeros((counts.shape[0] + 1, counts.shape[1]), dtype=np.int64)
         np.cumsum(counts, axis=0, out=cum[1:])
         self.m = counts.shape[0]
@@ -206,17 +211,25 @@ class _CountTable:
     def phi(self, a, b) -> np.ndarray:
         """``phi = |c| H(c / |c|)`` (nats x count) of the blocks ``[a, b)``, elementwise; 0 if empty."""
         a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
-        shape = a.shape
-        a = a.reshape(-1)
-        b = np.maximum(a, b.reshape(-1))
-        out = np.empty(a.size)
+        b = np.maximum(a, b)
+        return self.mixed(a, b, a, b)
+
+    def mixed(self, n0, n1, c0, c1) -> np.ndarray:
+        """``xlx(|[n0, n1)|) - sum_b xlx(count_b([c0, c1)))``, elementwise (``phi`` when the ranges agree).
+
+        Ranges must not be reversed."""
+        n0, n1, c0, c1 = np.broadcast_arrays(*(np.asarray(x, dtype=np.int64) for x in (n0, n1, c0, c1)))
+        shape = n0.shape
+        n0, n1, c0, c1 = (x.reshape(-1) for x in (n0, n1, c0, c1))
+        out = np.empty(n0.size)
         xlx, tot = self.xlx, self.tot
-        for s in range(0, a.size, _CHUNK):
-            aa, bb = a[s : s + _CHUNK], b[s : s + _CHUNK]
-            acc = xlx[tot[bb] - tot[aa]]
+        for s in range(0, n0.size, _CHUNK):
+            part = slice(s, s + _CHUNK)
+            aa, bb = c0[part], c1[part]
+            acc = xlx[tot[n1[part]] - tot[n0[part]]]
             for row in self.cum_t:
                 acc -= xlx[row[bb] - row[aa]]
-            out[s : s + _CHUNK] = acc
+            out[part] = acc
         return out.reshape(shape)
 
 
@@ -250,14 +263,59 @@ def _dense_dp(tab: _CountTable, positions: list) -> tuple[float, list[int]]:
     return float(best[0]), cuts[::-1]
 
 
-def _kappa(tab: _CountTable, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Least ``phi([lo, c)) + phi([c, hi))`` over one cut ``c`` in ``[lo, hi]``, for each cell."""
+def _free_cost(tab: _CountTable, lo, hi, left, right) -> np.ndarray:
+    """Least cost of each cell's free blocks (``[lo, hi)``) over the cut position ``d`` in the cell.
+
+    The blocks ``[lo, d)`` join the segment to the left and ``[d, hi)`` the one to the right. A
+    part ``P`` joining a segment ``Y`` raises ``phi`` by ``phi(Y u P) - phi(Y)``, which is at least
+    ``phi(P)`` (superadditivity) and, ``x log x`` being convex, at least its value with ``|Y|`` as
+    small and every bin count of ``Y`` as large as the surviving pairs allow: ``Y`` holds at least
+    the blocks up to the nearest neighbouring cell (``near``) and at most those up to the far end
+    of the farthest one (``far``). ``left``/``right`` are ``(near, far, free)`` per cell, ``free``
+    marking cells with no such bound (a pair with two cuts in one cell, or no pair on that side).
+    """
     size = hi - lo + 1
     first = np.cumsum(size) - size
     cell = np.repeat(np.arange(lo.size), size)
-    c = np.arange(int(size.sum())) - first[cell] + lo[cell]
-    v = tab.phi(lo[cell], c) + tab.phi(c, hi[cell])
-    return np.minimum.reduceat(v, first)
+    d = np.arange(int(size.sum())) - first[cell] + lo[cell]
+    (ln, lf, lfree), (rn, rf, rfree) = left, right
+    lo_, hi_ = lo[cell], hi[cell]
+    # left part [lo, d) joins a segment that holds at least [near, lo) and at most [far, lo)
+    at = np.flatnonzero(~lfree[cell])
+    c = cell[at]
+    grow = tab.mixed(ln[c], d[at], lf[c], d[at]) - tab.mixed(ln, lo, lf, lo)[c]
+    cost_l = tab.phi(lo_, d)
+    cost_l[at] = np.maximum(cost_l[at], grow)
+    # right part [d, hi) joins a segment that holds at least [hi, near) and at most [hi, far)
+    at = np.flatnonzero(~rfree[cell])
+    c = cell[at]
+    grow = tab.mixed(d[at], rn[c], d[at], rf[c]) - tab.mixed(hi, rn, hi, rf)[c]
+    cost_r = tab.phi(d, hi_)
+    cost_r[at] = np.maximum(cost_r[at], grow)
+    return np.minimum.reduceat(cost_l + cost_r, first)
+
+
+def _envelope(pa, pc, lo_a, hi_a, lo_c, hi_c) -> tuple[tuple, tuple]:
+    """Per cell of each side of one pair set: the nearest and farthest end of its partner cells."""
+    apart = hi_a[pa] < lo_c[pc]  # cells of two cuts are equal or disjoint
+    na, nc = lo_a.size, lo_c.size
+    # for the right cells: their left partners' ends
+    near_l = np.full(nc, -1)
+    np.maximum.at(near_l, pc[apart], hi_a[pa[apart]])
+    far_l = np.full(nc, np.iinfo(np.int64).max)
+    np.minimum.at(far_l, pc[apart], lo_a[pa[apart]])
+    free_l = near_l < 0
+    # for the left cells: their right partners' ends
+    near_r = np.full(na, np.iinfo(np.int64).max)
+    np.minimum.at(near_r, pa[apart], lo_c[pc[apart]])
+    far_r = np.full(na, -1)
+    np.maximum.at(far_r, pa[apart], hi_c[pc[apart]])
+    free_r = far_r < 0
+    # free cells get harmless in-range ends (their bound is not used)
+    return (
+        (np.where(free_l, lo_c, near_l), np.where(free_l, lo_c, far_l), free_l),
+        (np.where(free_r, hi_a, near_r), np.where(free_r, hi_a, far_r), free_r),
+    )
 
 
 def _group_max(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
@@ -289,14 +347,56 @@ def _expand(pa, pc, fa, na, fc, nc) -> tuple[np.ndarray, np.ndarray]:
     return fa[pa][idx] + within // ncc, fc[pc][idx] + within % ncc
 
 
+def _bounds(tab: _CountTable, lo: list, hi: list, pairs: list, core: list) -> tuple[list, list, list]:
+    """Bound terms ``t`` of every pair and the best bounded prefix (``fwd``) / suffix (``bwd``) per cell."""
+    r = len(lo) - 2
+    env = [_envelope(*pairs[s - 1], lo[s - 1], hi[s - 1], lo[s], hi[s]) for s in range(1, r + 2)]
+    kap = [np.zeros(1)] + [_free_cost(tab, lo[s], hi[s], env[s - 1][0], env[s][1]) for s in range(1, r + 1)]
+    kap.append(np.zeros(1))
+    t = []
+    for s in range(1, r + 2):
+        pa, pc = pairs[s - 1]
+        same = lo[s - 1][pa] == lo[s][pc]  # cells of two cuts are equal or disjoint
+        # two cuts in one cell: the cell's blocks count 0, its cost taken on the way in is given back
+        t.append(np.where(same, kap[s - 1][pa], -core[s - 1] - kap[s][pc]))
+    fwd = [np.zeros(1)]
+    for s in range(1, r + 2):
+        pa, pc = pairs[s - 1]
+        fwd.append(_group_max(pc, fwd[-1][pa] + t[s - 1], lo[s].size))
+    bwd = [np.zeros(1)]
+    for s in range(r, -1, -1):
+        pa, pc = pairs[s]
+        bwd.insert(0, _group_max(pa, t[s] + bwd[0][pc], lo[s].size))
+    return t, fwd, bwd
+
+
+def _prune(lo: list, hi: list, pairs: list, keep: list) -> None:
+    """Keep the pairs marked in ``keep``, then drop the cells that lost every pair on one side (in place)."""
+    r = len(lo) - 2
+    for s in range(r + 1):
+        pairs[s] = (pairs[s][0][keep[s]], pairs[s][1][keep[s]])
+    for s in range(1, r + 1):
+        used = np.zeros(lo[s].size, dtype=bool)
+        used[pairs[s - 1][1]] = True
+        also = np.zeros(lo[s].size, dtype=bool)
+        also[pairs[s][0]] = True
+        used &= also
+        remap = np.cumsum(used) - 1
+        (pa, pc), ok = pairs[s - 1], used[pairs[s - 1][1]]
+        pairs[s - 1] = (pa[ok], remap[pc[ok]])
+        (pa, pc), ok = pairs[s], used[pairs[s][0]]
+        pairs[s] = (remap[pa[ok]], pc[ok])
+        lo[s], hi[s] = lo[s][used], hi[s][used]
+
+
 def _branch_and_bound(tab: _CountTable, r: int, n_cells: int = 256) -> tuple[float, list[int]]:
     """Exact max of ``-sum phi`` over ``r`` cuts by branch and bound on cells of cut positions.
 
-    Every cut starts with the same ``n_cells`` cells of consecutive positions; each level bounds
+    Every cut starts with the same ``n_cells`` cells of consecutive positions. Each level bounds
     every surviving (cell of cut s-1, cell of cut s) pair, drops the pairs whose best completion
-    is bounded below the best exact value found so far, and halves the cells. Cells of different
-    cuts are therefore equal or disjoint. The bound (module docstring) is exact once every cell is
-    one position, so the best surviving configuration then is the optimum.
+    is bounded below the best exact value found so far, and halves the cells. Cells of different cuts are therefore equal or disjoint. The bound (module
+    docstring) is exact once every cell is one position, so the best surviving configuration
+    then is the optimum.
     """
     m = tab.m
     edges = np.unique(np.linspace(1, m, min(n_cells, m - 1) + 1).astype(np.int64))
@@ -309,26 +409,13 @@ def _branch_and_bound(tab: _CountTable, r: int, n_cells: int = 256) -> tuple[flo
         pairs.append((ga.ravel(), gc.ravel()))
     lb, lb_cuts = -np.inf, None
     while True:
-        kap = [np.zeros(1)] + [_kappa(tab, lo[s], hi[s]) for s in range(1, r + 1)] + [np.zeros(1)]
-        t = []
+        core = []
         for s in range(1, r + 2):
             pa, pc = pairs[s - 1]
-            feas = lo[s - 1][pa] < hi[s][pc]
-            pa, pc = pa[feas], pc[feas]
-            pairs[s - 1] = (pa, pc)
-            same = lo[s - 1][pa] == lo[s][pc]  # cells of two cuts are equal or disjoint
-            t.append(
-                -tab.phi(hi[s - 1][pa], lo[s][pc]) - kap[s][pc] + np.where(same, 2 * kap[s - 1][pa], 0.0)
-            )
-        fwd = [np.zeros(1)]
-        for s in range(1, r + 2):
-            pa, pc = pairs[s - 1]
-            fwd.append(_group_max(pc, fwd[-1][pa] + t[s - 1], lo[s].size))
-        bwd = [None] * (r + 2)
-        bwd[r + 1] = np.zeros(1)
-        for s in range(r, -1, -1):
-            pa, pc = pairs[s]
-            bwd[s] = _group_max(pa, t[s] + bwd[s + 1][pc], lo[s].size)
+            feasible = lo[s - 1][pa] < hi[s][pc]
+            pairs[s - 1] = pa, pc = pa[feasible], pc[feasible]
+            core.append(tab.phi(hi[s - 1][pa], lo[s][pc]))  # the blocks between the cells (0 if one cell)
+        t, fwd, bwd = _bounds(tab, lo, hi, pairs, core)
         # the best-bounded configuration of cells; its exact optimum is a lower bound
         cells, j = [], 0
         for s in range(r + 1, 1, -1):
@@ -336,40 +423,21 @@ def _branch_and_bound(tab: _CountTable, r: int, n_cells: int = 256) -> tuple[flo
             at = np.flatnonzero(pc == j)
             j = int(pa[at[np.argmax(fwd[s - 1][pa[at]] + t[s - 1][at])]])
             cells.append((lo[s - 1][j], hi[s - 1][j]))
-        cells = cells[::-1]
-        value, cuts = _dense_dp(tab, [np.arange(a, b + 1) for a, b in cells])
+        value, cuts = _dense_dp(tab, [np.arange(a, b + 1) for a, b in cells[::-1]])
         if value > lb:
             lb, lb_cuts = value, cuts
         if all((lo[s] == hi[s]).all() for s in range(1, r + 1)):
             return lb, lb_cuts  # cells are single positions: the bound is exact, lb is the optimum
-        tol = 1e-9 * max(1.0, abs(lb))
-        keep_pairs = []
-        for s in range(1, r + 2):
-            pa, pc = pairs[s - 1]
-            keep = fwd[s - 1][pa] + t[s - 1] + bwd[s][pc] >= lb - tol
-            keep_pairs.append((pa[keep], pc[keep]))
-        # drop cells no surviving pair uses
-        for s in range(1, r + 1):
-            used = np.zeros(lo[s].size, dtype=bool)
-            used[keep_pairs[s - 1][1]] = True
-            also = np.zeros(lo[s].size, dtype=bool)
-            also[keep_pairs[s][0]] = True
-            used &= also
-            remap = np.cumsum(used) - 1
-            pa, pc = keep_pairs[s - 1]
-            ok = used[pc]
-            keep_pairs[s - 1] = (pa[ok], remap[pc[ok]])
-            pa, pc = keep_pairs[s]
-            ok = used[pa]
-            keep_pairs[s] = (remap[pa[ok]], pc[ok])
-            lo[s], hi[s] = lo[s][used], hi[s][used]
+        floor = lb - 1e-9 * max(1.0, abs(lb))
+        keep = [fwd[s - 1][pa] + t[s - 1] + bwd[s][pc] >= floor for s, (pa, pc) in enumerate(pairs, start=1)]
+        _prune(lo, hi, pairs, keep)
         # halve the cells and carry the surviving pairs to their children
         split = [(lo[0], hi[0], np.array([0]), np.array([1]))]
         split += [_split(lo[s], hi[s]) for s in range(1, r + 1)]
         split += [(lo[r + 1], hi[r + 1], np.array([0]), np.array([1]))]
         pairs = [
             _expand(pa, pc, split[s - 1][2], split[s - 1][3], split[s][2], split[s][3])
-            for s, (pa, pc) in enumerate(keep_pairs, start=1)
+            for s, (pa, pc) in enumerate(pairs, start=1)
         ]
         lo = [sp[0] for sp in split]
         hi = [sp[1] for sp in split]
