@@ -190,6 +190,8 @@ def _pad_thresholds(cuts: list[float], values: np.ndarray, k: int) -> np.ndarray
     return np.sort(np.asarray(cuts + extra, dtype=float))
 
 
+_SPAN_GROUPS = 16  # groups of partner cells per cell for the free-block bound
+_NARROW = 8  # cell width (positions) from which partners are grouped
 _CHUNK = 1 << 15  # pairs evaluated at once (keeps the working set in cache)
 
 
@@ -269,53 +271,70 @@ def _free_cost(tab: _CountTable, lo, hi, left, right) -> np.ndarray:
     The blocks ``[lo, d)`` join the segment to the left and ``[d, hi)`` the one to the right. A
     part ``P`` joining a segment ``Y`` raises ``phi`` by ``phi(Y u P) - phi(Y)``, which is at least
     ``phi(P)`` (superadditivity) and, ``x log x`` being convex, at least its value with ``|Y|`` as
-    small and every bin count of ``Y`` as large as the surviving pairs allow: ``Y`` holds at least
-    the blocks up to the nearest neighbouring cell (``near``) and at most those up to the far end
-    of the farthest one (``far``). ``left``/``right`` are ``(near, far, free)`` per cell, ``free``
-    marking cells with no such bound (a pair with two cuts in one cell, or no pair on that side).
+    small and every bin count of ``Y`` as large as the partner cells allow: with partners in a span
+    of positions, ``Y`` holds at least the blocks up to the span's nearest end (``near``) and at
+    most those from its farthest (``far``). ``left``/``right`` hold ``[cells, G]`` tables of such
+    spans (partners grouped by position; ``near < 0`` where a group is empty); the bound of a part
+    is the least over its cell's groups.
     """
     size = hi - lo + 1
     first = np.cumsum(size) - size
     cell = np.repeat(np.arange(lo.size), size)
     d = np.arange(int(size.sum())) - first[cell] + lo[cell]
-    (ln, lf, lfree), (rn, rf, rfree) = left, right
-    lo_, hi_ = lo[cell], hi[cell]
-    # left part [lo, d) joins a segment that holds at least [near, lo) and at most [far, lo)
-    at = np.flatnonzero(~lfree[cell])
-    c = cell[at]
-    grow = tab.mixed(ln[c], d[at], lf[c], d[at]) - tab.mixed(ln, lo, lf, lo)[c]
-    cost_l = tab.phi(lo_, d)
-    cost_l[at] = np.maximum(cost_l[at], grow)
-    # right part [d, hi) joins a segment that holds at least [hi, near) and at most [hi, far)
-    at = np.flatnonzero(~rfree[cell])
-    c = cell[at]
-    grow = tab.mixed(d[at], rn[c], d[at], rf[c]) - tab.mixed(hi, rn, hi, rf)[c]
-    cost_r = tab.phi(d, hi_)
-    cost_r[at] = np.maximum(cost_r[at], grow)
-    return np.minimum.reduceat(cost_l + cost_r, first)
+    cost = []
+    for (near, far), is_left in ((left, True), (right, False)):
+        ent_cell, ent_group = np.nonzero(near >= 0)  # the nonempty spans, by cell
+        n, f = near[ent_cell, ent_group], far[ent_cell, ent_group]
+        reps = size[ent_cell]
+        ent = np.repeat(np.arange(ent_cell.size), reps)
+        pos = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + first[ent_cell][ent]
+        x = d[pos]
+        if is_left:  # [lo, d) joins a segment holding at least [near, lo), at most [far, lo)
+            e_lo = lo[ent_cell]
+            v = tab.mixed(n[ent], x, f[ent], x) - tab.mixed(n, e_lo, f, e_lo)[ent]
+            part = tab.phi(lo[cell], d)
+        else:  # [d, hi) joins a segment holding at least [hi, near), at most [hi, far)
+            e_hi = hi[ent_cell]
+            v = tab.mixed(x, n[ent], x, f[ent]) - tab.mixed(e_hi, n, e_hi, f)[ent]
+            part = tab.phi(d, hi[cell])
+        grow = np.full(d.size, np.inf)
+        np.minimum.at(grow, pos, v)
+        grow[np.isinf(grow)] = 0.0  # no partner on that side: no bound from it
+        cost.append(np.maximum(part, grow))
+    return np.minimum.reduceat(cost[0] + cost[1], first)
 
 
-def _envelope(pa, pc, lo_a, hi_a, lo_c, hi_c) -> tuple[tuple, tuple]:
-    """Per cell of each side of one pair set: the nearest and farthest end of its partner cells."""
+def _spans(
+    cells, partners, n_cells: int, ends: tuple, left: bool, groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[n_cells, groups]`` tables: the nearest and farthest end of each cell's partner cells.
+
+    Partners are grouped by their index (cells are in position order), ``groups`` to a cell;
+    ``ends = (lo, hi)`` of the partner cells, which lie to the ``left`` or to the right of the
+    cells. Empty groups hold -1."""
+    lo_p, hi_p = ends
+    key = cells * groups + partners * groups // lo_p.size
+    big = np.iinfo(np.int64).max
+    near = np.full(n_cells * groups, -1 if left else big)
+    far = np.full(n_cells * groups, big if left else -1)
+    if left:  # nearest = largest hi, farthest = least lo
+        np.maximum.at(near, key, hi_p[partners])
+        np.minimum.at(far, key, lo_p[partners])
+    else:  # nearest = least lo, farthest = largest hi
+        np.minimum.at(near, key, lo_p[partners])
+        np.maximum.at(far, key, hi_p[partners])
+    empty = (near == big) | (far == big) | (near < 0) | (far < 0)
+    near[empty] = far[empty] = -1
+    return near.reshape(n_cells, groups), far.reshape(n_cells, groups)
+
+
+def _envelope(pa, pc, lo_a, hi_a, lo_c, hi_c, groups: int) -> tuple[tuple, tuple]:
+    """Spans of partner cells for both sides of one pair set (see :func:`_free_cost`)."""
     apart = hi_a[pa] < lo_c[pc]  # cells of two cuts are equal or disjoint
-    na, nc = lo_a.size, lo_c.size
-    # for the right cells: their left partners' ends
-    near_l = np.full(nc, -1)
-    np.maximum.at(near_l, pc[apart], hi_a[pa[apart]])
-    far_l = np.full(nc, np.iinfo(np.int64).max)
-    np.minimum.at(far_l, pc[apart], lo_a[pa[apart]])
-    free_l = near_l < 0
-    # for the left cells: their right partners' ends
-    near_r = np.full(na, np.iinfo(np.int64).max)
-    np.minimum.at(near_r, pa[apart], lo_c[pc[apart]])
-    far_r = np.full(na, -1)
-    np.maximum.at(far_r, pa[apart], hi_c[pc[apart]])
-    free_r = far_r < 0
-    # free cells get harmless in-range ends (their bound is not used)
-    return (
-        (np.where(free_l, lo_c, near_l), np.where(free_l, lo_c, far_l), free_l),
-        (np.where(free_r, hi_a, near_r), np.where(free_r, hi_a, far_r), free_r),
-    )
+    pa, pc = pa[apart], pc[apart]
+    left = _spans(pc, pa, lo_c.size, (lo_a, hi_a), True, groups)  # the right cells' left partners
+    right = _spans(pa, pc, lo_a.size, (lo_c, hi_c), False, groups)  # the left cells' right partners
+    return left, right
 
 
 def _group_max(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
@@ -350,7 +369,10 @@ def _expand(pa, pc, fa, na, fc, nc) -> tuple[np.ndarray, np.ndarray]:
 def _bounds(tab: _CountTable, lo: list, hi: list, pairs: list, core: list) -> tuple[list, list, list]:
     """Bound terms ``t`` of every pair and the best bounded prefix (``fwd``) / suffix (``bwd``) per cell."""
     r = len(lo) - 2
-    env = [_envelope(*pairs[s - 1], lo[s - 1], hi[s - 1], lo[s], hi[s]) for s in range(1, r + 2)]
+    # partners grouped by position once cells are narrow (earlier, every cell pairs all over)
+    narrow = max(int((hi[s] - lo[s]).max(initial=0)) for s in range(1, r + 1)) < _NARROW
+    groups = _SPAN_GROUPS if narrow else 1
+    env = [_envelope(*pairs[s - 1], lo[s - 1], hi[s - 1], lo[s], hi[s], groups) for s in range(1, r + 2)]
     kap = [np.zeros(1)] + [_free_cost(tab, lo[s], hi[s], env[s - 1][0], env[s][1]) for s in range(1, r + 1)]
     kap.append(np.zeros(1))
     t = []
