@@ -416,9 +416,9 @@ def _branch_and_bound(tab: _CountTable, r: int, n_cells: int = 256) -> tuple[flo
 
     Every cut starts with the same ``n_cells`` cells of consecutive positions. Each level bounds
     every surviving (cell of cut s-1, cell of cut s) pair, drops the pairs whose best completion
-    is bounded below the best exact value found so far, and halves the cells. Cells of different cuts are therefore equal or disjoint. The bound (module
-    docstring) is exact once every cell is one position, so the best surviving configuration
-    then is the optimum.
+    is bounded below the best exact value found so far, and halves the cells. Cells of different
+    cuts are therefore equal or disjoint. The bound (module docstring) is exact once every cell is
+    one position, so the best surviving configuration then is the optimum.
     """
     m = tab.m
     edges = np.unique(np.linspace(1, m, min(n_cells, m - 1) + 1).astype(np.int64))
