@@ -50,7 +50,9 @@ forward and a backward pass maximise for every pair at once (two cuts in one cel
 cell's blocks as 0). Pairs whose best bound is below the best exact value found so far (the DP
 inside the best-bounded cells) cannot hold the optimum and are dropped; the others are halved,
 until every cell is one position, where the bound is the objective itself. The result equals
-the plain DP's (tested on random tables with ties, few and many bins).
+the plain DP's (tested on random tables with ties, few and many bins). The work grows with the
+number of near-optimal configurations: on 9,900 distinct IoUs against a weak signal (perturbation
+magnitude, MI 0.07 nats) ``k = 3`` takes 0.06 s, ``k = 4`` 1 s and ``k = 6`` 11 s.
 
 The seed's method (L-BFGS-B from 10 random starts on a piecewise-constant function whose gradient
 is zero almost everywhere) is reproduced in :func:`lbfgsb_thresholds` for comparison; the baseline
