@@ -267,6 +267,12 @@ def _dense_dp(tab: _CountTable, positions: list) -> tuple[float, list[int]]:
     return float(best[0]), cuts[::-1]
 
 
+def _ragged(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ``sizes[i]`` consecutive elements per owner ``i``: each element's owner and its offset in it."""
+    owner = np.repeat(np.arange(sizes.size), sizes)
+    return owner, np.arange(owner.size) - (np.cumsum(sizes) - sizes)[owner]
+
+
 def _free_cost(tab: _CountTable, lo, hi, left, right) -> np.ndarray:
     """Least cost of each cell's free blocks (``[lo, hi)``) over the cut position ``d`` in the cell.
 
@@ -281,15 +287,14 @@ def _free_cost(tab: _CountTable, lo, hi, left, right) -> np.ndarray:
     """
     size = hi - lo + 1
     first = np.cumsum(size) - size
-    cell = np.repeat(np.arange(lo.size), size)
-    d = np.arange(int(size.sum())) - first[cell] + lo[cell]
+    cell, offset = _ragged(size)
+    d = lo[cell] + offset
     cost = []
     for (near, far), is_left in ((left, True), (right, False)):
         ent_cell, ent_group = np.nonzero(near >= 0)  # the nonempty spans, by cell
         n, f = near[ent_cell, ent_group], far[ent_cell, ent_group]
-        reps = size[ent_cell]
-        ent = np.repeat(np.arange(ent_cell.size), reps)
-        pos = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + first[ent_cell][ent]
+        ent, offset = _ragged(size[ent_cell])
+        pos = first[ent_cell][ent] + offset
         x = d[pos]
         if is_left:  # [lo, d) joins a segment holding at least [near, lo), at most [far, lo)
             e_lo = lo[ent_cell]
@@ -361,9 +366,7 @@ def _split(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _expand(pa, pc, fa, na, fc, nc) -> tuple[np.ndarray, np.ndarray]:
     """Children pairs of the pairs ``(pa, pc)`` (every child of one with every child of the other)."""
-    reps = na[pa] * nc[pc]
-    idx = np.repeat(np.arange(pa.size), reps)
-    within = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
+    idx, within = _ragged(na[pa] * nc[pc])
     ncc = nc[pc][idx]
     return fa[pa][idx] + within // ncc, fc[pc][idx] + within % ncc
 
