@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmrel.stats import softmax, spearman
+
 #: Class names for the demo images (the photos shipped in scikit-image and scikit-learn).
 DEMO_CLASS_NAMES = (
     "astronaut",
@@ -131,10 +133,6 @@ def _l2(x: Any) -> np.ndarray:
     return a / n
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def zero_shot_probs(
@@ -155,11 +153,11 @@ def zero_shot_probs(
         raise ValueError(f"image features {img.shape} and text features {txt.shape} do not match")
     logits = float(logit_scale) * img @ txt.T
     if kind == "softmax":
-        return _softmax(logits)
+        return softmax(logits)
     if kind == "sigmoid":
         z = logits + (0.0 if logit_bias is None else float(logit_bias))
         if sigmoid_mode == "softmax":
-            return _softmax(z)
+            return softmax(z)
         if sigmoid_mode == "normalize":
             s = 1.0 / (1.0 + np.exp(-z))
             return s / s.sum(axis=1, keepdims=True)
@@ -184,13 +182,6 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     return -terms.sum(axis=1)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    from scipy.stats import spearmanr
-
-    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan, math.nan
-    r = spearmanr(a, b)
-    return float(r.statistic), float(r.pvalue)
 
 
 def ambiguity_stats(
@@ -212,8 +203,8 @@ def ambiguity_stats(
     positive = h >= threshold
     n_pos = int(positive.sum())
     auroc = float(roc_auc_score(positive, u)) if 0 < n_pos < u.size else math.nan
-    rho_h, p_h = _spearman(u, h)
-    rho_m, p_m = _spearman(u, mg)
+    rho_h, p_h, _ = spearman(u, h)
+    rho_m, p_m, _ = spearman(u, mg)
     stats = {
         "n_images": int(u.size),
         "n_classes": int(p.shape[1]),

@@ -11,23 +11,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-from vlmrel.io import atomic_path  # noqa: E402
-from vlmrel.reliability import THRESHOLDS  # noqa: E402
+from vlmrel.figures import plt, save_figure
+from vlmrel.reliability import THRESHOLDS
 
 _PathLike = str | os.PathLike[str]
 
 
-def _save(fig: plt.Figure, path: _PathLike, dpi: int) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def _means(a: Any) -> np.ndarray:
@@ -84,7 +76,7 @@ def geometry_distributions(
         ax.set_title(title)
         ax.set_ylabel(ylabel)
     fig.suptitle("exp0b: covariance geometry of the MC-dropout pass features (per image, mean over trials)")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 # --------------------------------------------------------------------------- exp4
@@ -123,7 +115,7 @@ def recipe_agreement_scatter(
             )
         ax.grid(alpha=0.3)
     fig.suptitle(f"exp4 {model}: agreement of uncertainty recipes (per image, mean over trials)")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 # --------------------------------------------------------------------------- exp5
@@ -161,7 +153,7 @@ def ambiguity_scatter(
     axes[0].legend(fontsize=8)
     sub = f"; AUROC(high entropy) {_fmt(stats.get('auroc_high_entropy'))}" if stats else ""
     fig.suptitle(f"exp5 {model}: uncertainty vs zero-shot ambiguity (N={u.size}){sub}")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 # --------------------------------------------------------------------------- convergence sweep
@@ -212,7 +204,7 @@ def convergence_curve(conv: Mapping[str, Any], path: _PathLike, dpi: int = 120) 
             ax.set_yscale("symlog", linthresh=1.0)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Convergence sweep {conv['model']}: reliability against T (knee: gain < {conv['tol']:g})")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 # --------------------------------------------------------------------------- exp1, exp3 heatmaps
@@ -236,7 +228,7 @@ def rank_stability_heatmap(result: Mapping[str, Any], path: _PathLike, model: st
     fig, ax = plt.subplots(figsize=(5.5, 4.8), constrained_layout=True)
     _heatmap(ax, result["spearman_matrix"], [f"p={p:g}" for p in result["p"]])
     ax.set_title(f"exp1 {model}: rank stability across dropout rates (N={result['n_images']})", fontsize=10)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def dropout_types_figure(result: Mapping[str, Any], path: _PathLike, model: str, dpi: int = 120) -> None:
@@ -264,7 +256,7 @@ def dropout_types_figure(result: Mapping[str, Any], path: _PathLike, model: str,
     _heatmap(axes[1], result["spearman_matrix"], types)
     axes[1].set_title("rank agreement between types", fontsize=10)
     fig.suptitle(f"exp3 {model}: dropout types (N={result['n_images']})")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 # --------------------------------------------------------------------------- exp2
@@ -288,7 +280,7 @@ def synthetic_vs_natural(
     _violins(ax, data, labels)
     ax.set_ylabel("log10 uncertainty")
     ax.set_title(f"exp2 {model}: natural vs synthetic images (AUROC: natural as positive)", fontsize=10)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def skipped_figure(title: str, reason: str, path: _PathLike, dpi: int = 120) -> None:
@@ -300,4 +292,4 @@ def skipped_figure(title: str, reason: str, path: _PathLike, dpi: int = 120) -> 
     ax.text(
         0.5, 0.5, f"{title}: skipped\n\n" + textwrap.fill(reason, 70), ha="center", va="center", fontsize=10
     )
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)

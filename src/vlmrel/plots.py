@@ -5,16 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import matplotlib.ticker as mticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker as mticker  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vlmrel.io import atomic_path  # noqa: E402
-from vlmrel.reliability import THRESHOLDS  # noqa: E402
-from vlmrel.summary import SPACES, Trials  # noqa: E402
+from vlmrel.figures import plt, save_figure
+from vlmrel.reliability import THRESHOLDS
+from vlmrel.summary import SPACES, Trials
 
 _METRICS = (
     (
@@ -28,10 +24,6 @@ _METRICS = (
 _SPACE_STYLE = {"pre": dict(marker="o", ls="-"), "post": dict(marker="s", ls="--")}
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike[str], dpi: int) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def reliability_vs_T(summary: dict, path: str | os.PathLike[str], dpi: int = 120) -> None:
@@ -60,7 +52,7 @@ def reliability_vs_T(summary: dict, path: str | os.PathLike[str], dpi: int = 120
         f"{summary['model']}: reliability of the MC-dropout trace across {summary['n_trials']} trials "
         f"(N={summary['n_images']}, p={summary['p']:g}); best status: {summary['best_status']}"
     )
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def score_distributions(
@@ -83,4 +75,4 @@ def score_distributions(
         ax.set_title(f"uncertainty {space}-normalisation")
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Distribution of per-image MC-dropout uncertainty (mean over trials)")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)

@@ -5,15 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vlmrel.anomaly.metrics import Curve  # noqa: E402
-from vlmrel.anomaly.scores import LABELS, METHODS  # noqa: E402
-from vlmrel.io import atomic_path  # noqa: E402
+from vlmrel.anomaly.metrics import Curve
+from vlmrel.anomaly.scores import LABELS, METHODS
+from vlmrel.figures import plt, save_figure
 
 
 def _colour(method: str) -> str:
@@ -21,10 +17,6 @@ def _colour(method: str) -> str:
     return f"C{METHODS.index(method)}" if method in METHODS else "k"
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike[str], dpi: int) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def roc_pr_curves(
@@ -92,7 +84,7 @@ def roc_pr_curves(
     for ax in (ax_roc, ax_pr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "upper right")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def threshold_panels(study: dict, path: str | os.PathLike[str], dpi: int = 120) -> None:
@@ -120,7 +112,7 @@ def threshold_panels(study: dict, path: str | os.PathLike[str], dpi: int = 120) 
     fig.suptitle(
         "Threshold sensitivity (exact, all pixels); anomaly predicted when score >= t* + offset x |t*|"
     )
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def subsampling_panels(summary: list[dict], path: str | os.PathLike[str], dpi: int = 120) -> None:
@@ -148,4 +140,4 @@ def subsampling_panels(summary: list[dict], path: str | os.PathLike[str], dpi: i
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Subsampling: mean +- std over seeded trials; dashed = exact value over every pixel")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)

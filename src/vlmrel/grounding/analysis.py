@@ -8,6 +8,7 @@ failure) has ``status = "failed"``, a ``failure_kind`` and no box; its IoU is Na
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from vlmrel.grounding.iou import (
 )
 from vlmrel.grounding.perturb import ORIGINAL_ID
 from vlmrel.grounding.thresholds import BASELINE_THRESHOLDS, threshold_comparison
+from vlmrel.stats import spearman
 
 PREDICTION_COLUMNS = (
     "sample_id",  # str
@@ -199,20 +201,10 @@ def _rates_by(flags: np.ndarray, difficulties: Sequence[str]) -> dict:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> dict:
-    from scipy.stats import spearmanr
-
-    x = np.asarray(x, float).ravel()
-    y = np.asarray(y, float).ravel()
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return {
-            "rho": None,
-            "p": None,
-            "n": int(ok.sum()),
-            "note": "undefined: fewer than 3 pairs or a constant variable",
-        }
-    res = spearmanr(x[ok], y[ok])
-    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": int(ok.sum())}
+    rho, p, n = spearman(x, y)
+    if math.isnan(rho):
+        return {"rho": None, "p": None, "n": n, "note": "undefined: fewer than 3 pairs or a constant variable"}
+    return {"rho": rho, "p": p, "n": n}
 
 
 def boundary_report(

@@ -10,25 +10,17 @@ import os
 import textwrap
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vlmrel.grounding.analysis import Matrices, _row_nanmean  # noqa: E402
-from vlmrel.grounding.iou import BOUNDARY_DEFINITIONS  # noqa: E402
-from vlmrel.io import atomic_path  # noqa: E402
+from vlmrel.figures import plt, save_figure
+from vlmrel.grounding.analysis import Matrices, _row_nanmean
+from vlmrel.grounding.iou import BOUNDARY_DEFINITIONS
 
 _DIFF_COLORS = {"easy": "tab:green", "medium": "tab:orange", "hard": "tab:red"}
 _METHOD_STYLE = {"baseline": "tab:gray", "lbfgsb": "tab:blue", "exact": "tab:red"}
 _METHOD_LABEL = {"baseline": "baseline [0.3, 0.5, 0.7]", "lbfgsb": "L-BFGS-B (seed)", "exact": "exact (DP)"}
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike[str], dpi: int) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
@@ -169,7 +161,7 @@ def validation_figure(
         fontsize=11,
     )
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def _fmt(v: float | None) -> str:
@@ -218,7 +210,7 @@ def threshold_figure(thresholds_json: Mapping, path: str | os.PathLike[str], dpi
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def timing_figure(
@@ -279,4 +271,4 @@ def timing_figure(
             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"},
         )
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)

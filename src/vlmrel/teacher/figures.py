@@ -5,19 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vlmrel.io import atomic_path  # noqa: E402
-
-
-def _save(fig: Any, path: str | os.PathLike[str], dpi: int) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
+from vlmrel.figures import plt, save_figure
 
 
 def _title(ev: dict[str, Any]) -> str:
@@ -52,7 +42,7 @@ def confusion_figure(ev: dict[str, Any], path: str | os.PathLike[str], dpi: int 
     fig.colorbar(im, ax=ax, label="share of the true scene's images")
     acc = ev["scene"]["accuracy"]
     ax.set_title(f"{_title(ev)}\nscene accuracy {acc:.2f}" if acc is not None else _title(ev), fontsize=9)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def attribute_figure(ev: dict[str, Any], path: str | os.PathLike[str], dpi: int = 120) -> None:
@@ -78,4 +68,4 @@ def attribute_figure(ev: dict[str, Any], path: str | os.PathLike[str], dpi: int 
     if obj["top1_hit_rate"] is not None:
         extra = f"; objects top-1 {obj['top1_hit_rate']:.2f}, top-3 {obj['top3_hit_rate']:.2f}"
     ax.set_title(f"{_title(ev)}{extra}\n* derived from the predicted scene", fontsize=9)
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vlmrel.io import atomic_path, read_json, write_json
+from vlmrel.stats import softmax
 
 from .truth import TruthMapping, read_truth
 
@@ -159,10 +160,6 @@ def train_linear(
     return best[2].numpy(), best[3].numpy(), history
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -358,7 +355,7 @@ def predict(
     predicted scene, in ``card['labels']['attributes'] + derived`` order) and object scores [N, O]."""
     x = np.asarray(x, dtype=np.float64)
     labels = card["labels"]
-    scene_p = _softmax(x @ tensors["scene.weight"].T.astype(np.float64) + tensors["scene.bias"])
+    scene_p = softmax(x @ tensors["scene.weight"].T.astype(np.float64) + tensors["scene.bias"])
     scene_pred = scene_p.argmax(axis=1)
     attr_p = _sigmoid(x @ tensors["attributes.weight"].T.astype(np.float64) + tensors["attributes.bias"])
     derived = [
