@@ -8,8 +8,10 @@ from snakemake.utils import validate
 from vlmrel.grounding.pipeline import resolve_coords
 from vlmrel.images import list_images
 from vlmrel.io import read_json
+from vlmrel.mcdo import registry as mcdo_registry
 from vlmrel.models import REGISTRY, preprocess_spec
 from vlmrel.pixels import preproc_key
+from vlmrel.mcdo.dropout import KINDS
 
 
 # A chain listed in `chains` needs its own section; the schema's defaults only keep the others parsing.
@@ -22,25 +24,28 @@ validate(config, schema="../config/schema.yaml", set_default=True)
 RUN = config["run"]
 RESULTS = f"results/{RUN}"
 MCDO = config["mcdo"]
-EXP0 = MCDO["exp0"]
 
 GPU = 1 if config["device"].startswith("cuda") else 0
 DEMO_IMAGES = config["images"]["source"] == "demo"
 
 
-def fmt_p(p):
-    """Dropout rate as it appears in paths: 0.01 -> '0.01'."""
-    return f"{float(p):g}"
-
-
-# mcdo experiments. Trial experiments store traces (trial{k}.npz); geometry experiments store
-# the per-image covariance geometry of the same passes (geometry{k}.npz).
-PHASE1 = [e for e in ("exp0", "exp0b", "exp4_subset", "exp5_subset") if e in MCDO]
-PHASE2 = [e for e in ("exp1", "exp2", "exp3", "exp4_full", "exp5_full") if e in MCDO]
-TRIAL_EXPS = ("exp0", "convergence", "exp1", "exp2", "exp3", "exp5_subset", "exp5_full")
-GEOMETRY_EXPS = ("exp0b", "exp4_subset", "exp4_full")
-EXPERIMENTS = [e for e in (*TRIAL_EXPS, *GEOMETRY_EXPS) if e in MCDO]
+# mcdo: every experiment, target and input function comes from the registry (src/vlmrel/mcdo/registry.py).
+MCDO_EXPS = mcdo_registry.configured(MCDO)
+EXPERIMENTS = [e.name for e in MCDO_EXPS]
+PHASE1 = mcdo_registry.names(MCDO_EXPS, phase=1)
+PHASE2 = mcdo_registry.names(MCDO_EXPS, phase=2)
+SWEEPS = mcdo_registry.names(MCDO_EXPS, phase="sweep")
+GATE_INPUT = mcdo_registry.GATE_INPUT
+SWEEP = mcdo_registry.SWEEP
 FORCE_PHASE2 = MCDO.get("gate", {}).get("force_phase2", False)
+if GATE_INPUT not in MCDO:
+    raise ValueError(f"config mcdo: the gate's experiment {GATE_INPUT!r} has no section")
+
+
+def exps_where(**where):
+    """A wildcard constraint: the configured experiments whose registry entry matches ``where``."""
+    return "|".join(mcdo_registry.names(MCDO_EXPS, **where)) or "NONE"
+
 
 # teacher: heads on the image embeddings of registry models; the audited human truth when configured
 TEACHER = config["teacher"]
@@ -70,7 +75,7 @@ wildcard_constraints:
     k=r"\d+",
     p=r"[0-9][0-9.e-]*",
     exp="|".join(EXPERIMENTS),
-    kind="input|dropconnect|gaussian",
+    kind="|".join(KINDS),
     subset=re.escape(GSUBSET),
 
 
@@ -106,67 +111,42 @@ def pixels_for_model(wildcards):
 # ---- mcdo ---------------------------------------------------------------------------------------
 
 
-def exp_p(exp):
-    return MCDO[exp].get("p", EXP0["p"])
+def exp_arms(exp, model):
+    """The experiment's arms for one model, each record with its K trial (or geometry) files."""
+    entry = mcdo_registry.EXPERIMENTS[exp]
+    return [
+        {
+            **arm.record(),
+            "files": mcdo_registry.arm_files(RESULTS, exp, model, arm, entry.stem, MCDO[exp]["trials"]),
+        }
+        for arm in entry.arms(MCDO[exp], MCDO)
+    ]
 
 
-def exp_rates(exp):
-    return MCDO[exp]["rates"] if exp == "exp1" else [exp_p(exp)]
+def exp_files(exp, model):
+    """Every distinct trial (or geometry) file of one experiment and model (replicate arms share files)."""
+    return list(dict.fromkeys(f for arm in exp_arms(exp, model) for f in arm["files"]))
 
 
-def exp_kinds(exp):
-    return MCDO[exp]["kinds"] if exp == "exp3" else [MCDO["dropout_kind"]]
+def run_files(wildcards):
+    return exp_files(wildcards.exp, wildcards.model)
 
 
-def run_files(exp, model, stem):
-    """Every trial (or geometry) file of one experiment and model, grouped by what varies:
-    the dropout rate for exp1, the dropout kind for exp3, nothing otherwise."""
-    groups = {}
-    for kind in exp_kinds(exp):
-        for i, rate in enumerate(exp_rates(exp)):
-            group = "trials"
-            if exp == "exp1":  # a rate listed twice is a replicate arm ('p0.01_rep2')
-                group = f"p{fmt_p(rate)}"
-                n = [fmt_p(r) for r in exp_rates(exp)[: i + 1]].count(fmt_p(rate))
-                group += f"_rep{n}" if n > 1 else ""
-            elif exp == "exp3":
-                group = kind
-            groups.setdefault(group, []).extend(
-                f"{RESULTS}/mcdo/{exp}/{model}/{kind}/p{fmt_p(rate)}/{stem}{k}.npz"
-                for k in range(MCDO[exp]["trials"])
-            )
-    return groups
+def arms_param(wildcards):
+    return exp_arms(wildcards.exp, wildcards.model)
 
 
-def trial_files(wildcards):
-    return run_files(wildcards.exp, wildcards.model, "trial")["trials"]
+def runs_by_model(wildcards):
+    """Every model's files of the wildcard's experiment, keyed by model (the over-model figures)."""
+    return {m: exp_files(wildcards.exp, m) for m in MCDO[wildcards.exp]["models"]}
 
 
-def trial_groups(wildcards):
-    return run_files(wildcards.exp, wildcards.model, "trial")
-
-
-def geometry_files(wildcards):
-    return run_files(wildcards.exp, wildcards.model, "geometry")["trials"]
-
-
-def trials_by_model(wildcards):
-    """exp0 trial files of every model, keyed by model (the score-distribution figure)."""
-    return {m: run_files("exp0", m, "trial")["trials"] for m in MCDO["exp0"]["models"]}
-
-
-def geometry_by_model(wildcards):
-    return {m: run_files(wildcards.exp, m, "geometry")["trials"] for m in MCDO[wildcards.exp]["models"]}
-
-
-def figure_runs(wildcards):
-    """The trial (or, for exp4, geometry) files a per-model figure reads, flat."""
-    stem = "geometry" if wildcards.exp in GEOMETRY_EXPS else "trial"
-    return [f for files in run_files(wildcards.exp, wildcards.model, stem).values() for f in files]
+def exp_models(wildcards):
+    return MCDO[wildcards.exp]["models"]
 
 
 def exp_rate(wildcards):
-    return exp_p(wildcards.exp)
+    return mcdo_registry.exp_rate(MCDO[wildcards.exp], MCDO)
 
 
 def exp_settings(wildcards):
@@ -178,8 +158,14 @@ def exp_T(wildcards):
 
 
 def exp_num_images(wildcards):
-    """exp2's pixel file already holds only its images (natural + synthetic): use all of it."""
-    return None if wildcards.exp == "exp2" else MCDO[wildcards.exp].get("num_images")
+    """A synthetic pixel file already holds only its experiment's images (natural + synthetic): use all."""
+    if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels == "synthetic":
+        return None
+    return MCDO[wildcards.exp].get("num_images")
+
+
+def exp_is_geometry(wildcards):
+    return mcdo_registry.EXPERIMENTS[wildcards.exp].job == "geometry"
 
 
 def exp_setting(key):
@@ -187,9 +173,20 @@ def exp_setting(key):
     return lambda wildcards: MCDO[wildcards.exp].get(key)
 
 
+def synthetic_setting(key):
+    """One key of the config of the experiment that runs on synthetic pixels (None without one)."""
+    exps = mcdo_registry.names(MCDO_EXPS, pixels="synthetic")
+    return MCDO[exps[0]].get(key) if exps else None
+
+
+def experiment_caption(wildcards):
+    """The caption text of an experiment's own figure (its registry entry names the file)."""
+    return Path(workflow.basedir, "report", mcdo_registry.EXPERIMENTS[wildcards.exp].caption).read_text().strip()
+
+
 def run_pixels(wildcards):
-    """exp2 runs on natural + synthetic images; every other experiment on the natural ones."""
-    sub = "synthetic/" if wildcards.exp == "exp2" else ""
+    """The pixel file of the wildcard's experiment: natural, or natural + synthetic."""
+    sub = "synthetic/" if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels == "synthetic" else ""
     return f"{RESULTS}/pixels/{sub}{PREPROC_OF[wildcards.model]}.h5"
 
 
@@ -199,37 +196,29 @@ def model_summaries(wildcards):
 
 def exp_outputs(exp):
     """The files that complete one experiment: summaries and figures."""
-    models = MCDO[exp]["models"]
-    out = expand("{r}/mcdo/{exp}/{model}/summary.json", r=RESULTS, exp=exp, model=models)
-    fig = f"{RESULTS}/figures/mcdo/{exp}"
-    if exp == "exp0":
-        out += [f"{RESULTS}/mcdo/exp0/overall_summary.json", f"{fig}_scores.png"]
-        out += expand("{fig}_reliability_{model}.png", fig=fig, model=models)
-    elif exp == "convergence":
-        out += [f"{RESULTS}/mcdo/convergence/overall_summary.json"]
-        out += expand("{fig}_{model}.png", fig=fig, model=models)
-    elif exp == "exp0b":
-        out += [f"{fig}_geometry.png"]
-    elif exp in ("exp5_subset", "exp5_full"):
-        out += [f"{RESULTS}/mcdo/{exp}/{exp}_overall_summary.json"]
-        out += expand("{fig}_ambiguity_{model}.png", fig=fig, model=models)
-    else:  # exp1, exp2, exp3, exp4_*: one figure per model
-        out += expand("{fig}_{model}.png", fig=fig, model=models)
-    return out
+    return mcdo_registry.outputs(RESULTS, mcdo_registry.EXPERIMENTS[exp], MCDO[exp]["models"])
 
 
 def exp0_targets():
-    return exp_outputs("exp0")
+    return exp_outputs(GATE_INPUT)
 
 
 def phase1_targets():
     return [t for e in PHASE1 for t in exp_outputs(e)] + [f"{RESULTS}/mcdo/gate.json"]
 
 
+def gate_input(wildcards=None):
+    return f"{RESULTS}/mcdo/{GATE_INPUT}/overall_summary.json"
+
+
+def sweep_input(wildcards=None):
+    return f"{RESULTS}/mcdo/{SWEEP}/overall_summary.json"
+
+
 def final_gate(wildcards):
-    """gate.json, or the gate after the convergence sweep when the first gate asked for one."""
+    """gate.json, or the gate after the sweep when the first gate asked for one."""
     gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
-    if gate["decision"] == "convergence_sweep" and not gate["run_phase2"] and "convergence" in MCDO:
+    if gate["decision"] == "convergence_sweep" and not gate["run_phase2"] and SWEEP in MCDO:
         return checkpoints.mcdo_gate_sweep.get(run=RUN).output[0]
     return f"{RESULTS}/mcdo/gate.json"
 
@@ -238,8 +227,8 @@ def phase2_targets(wildcards):
     """Data-dependent: Phase 2 enters the DAG only when the gate (or the config's force flag) says so."""
     gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
     targets = [f"{RESULTS}/mcdo/gate.json"]
-    if gate["decision"] == "convergence_sweep" and "convergence" in MCDO:
-        targets += exp_outputs("convergence")
+    if gate["decision"] == "convergence_sweep":
+        targets += [t for e in SWEEPS for t in exp_outputs(e)]
     final = read_json(final_gate(wildcards))
     if final["run_phase2"]:
         targets += [t for e in PHASE2 for t in exp_outputs(e)]

@@ -133,8 +133,6 @@ def _l2(x: Any) -> np.ndarray:
     return a / n
 
 
-
-
 def zero_shot_probs(
     image_features: Any,
     text_features: Any,
@@ -180,8 +178,6 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * np.log(p), 0.0)
     return -terms.sum(axis=1)
-
-
 
 
 def ambiguity_stats(
