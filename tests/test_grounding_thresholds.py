@@ -219,7 +219,9 @@ def test_seed_binning_is_np_digitize_exactly(n_bins):
     assert bin_signal(sig, 3, "width").tolist() == [0, 0, 1, 2, 2]
     # the seed's MI for a partition, reproduced
     iou = rng.random(5)
-    want_mi = mutual_info_score(iou_to_class(iou, BASELINE_THRESHOLDS), np.digitize(sig, np.linspace(0, 1, 3)))
+    want_mi = mutual_info_score(
+        iou_to_class(iou, BASELINE_THRESHOLDS), np.digitize(sig, np.linspace(0, 1, 3))
+    )
     assert mutual_information(iou, sig, BASELINE_THRESHOLDS, 3, "seed") == pytest.approx(want_mi, abs=1e-15)
 
 

@@ -324,7 +324,7 @@ def predict(
                         prompt=text,
                         image=enc,
                         schema=schema,
-                        meta={"s": s.sample_id, "p": pid, "params": params},
+                        meta={"s": s.sample_id, "p": pid, "params": params, "e": rec["expression"]},
                     )
                 )
                 sizes.append((enc.width, enc.height))
@@ -341,10 +341,10 @@ def predict(
                 continue
             res, size = results[slot], sizes[slot]
             m = res.meta
-            box, kind = None, None
+            box, kind, n_boxes = None, None, 0
             if res.ok:
-                parsed = parse_bbox(res.text, coords, size, resize=resize)
-                box, kind = parsed.box, parsed.failure
+                parsed = parse_bbox(res.text, coords, size, resize=resize, expression=m.get("e"))
+                box, kind, n_boxes = parsed.box, parsed.failure, parsed.n_boxes
             else:
                 kind = res.failure_kind or "error"
             row = prediction_row(
@@ -352,12 +352,17 @@ def predict(
             )
             row["error"] = res.error if not res.ok else (None if kind is None else f"parse: {kind}")
             row["attempts"] = int(res.attempts)
+            row["n_boxes"] = int(n_boxes)
             rows.append(row)
-    df = pd.DataFrame(rows, columns=[*PREDICTION_COLUMNS, "error", "attempts"])
+    for row in rows:
+        row.setdefault("n_boxes", 0)
+    df = pd.DataFrame(rows, columns=[*PREDICTION_COLUMNS, "error", "attempts", "n_boxes"])
     with atomic_path(out_path) as tmp:
         df.to_parquet(tmp, index=False)
     n_fail = int((df["status"] != "ok").sum())
     stats.update(
+        answers_with_several_boxes=int((df["n_boxes"] > 1).sum()),
+        several_boxes_rule="the box whose label equals the expression, else the first",
         n_predictions=len(df),
         n_failed_predictions=n_fail,
         failed_predictions_by_kind=df.loc[df["status"] != "ok", "failure_kind"]
