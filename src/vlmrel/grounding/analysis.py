@@ -325,7 +325,9 @@ def semantic_boundary(
         "rate": float(flags.mean()) if flags.size else None,
         "by_difficulty": _rates_by(flags, difficulties),
         "n_all_zero_distance_samples": int(
-            np.sum(np.all(np.where(np.isfinite(drift), drift, 0.0) == 0, axis=1))
+            np.sum(
+                np.isfinite(drift).any(axis=1) & np.all(np.where(np.isfinite(drift), drift, 0.0) == 0, axis=1)
+            )
         ),
         "similarity_nan": int(np.isnan(sim).sum()),
     }

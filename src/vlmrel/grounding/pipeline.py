@@ -693,13 +693,17 @@ def compute_boundary(
     d = read_drift(drift, mat) if drift else None
     tj = read_json(thresholds)
     ts, how = chosen_thresholds(tj, source)
-    out_of_sample = bool(thresholds_subset) and thresholds_subset != subset
-    if out_of_sample and not isinstance(source, list | tuple) and source != "baseline":
+    learned = isinstance(source, str) and source in SIGNALS  # else given (a config list, the baseline)
+    out_of_sample = learned and bool(thresholds_subset) and thresholds_subset != subset
+    if out_of_sample:
         how = f"{how}, chosen on subset {thresholds_subset}"
     report = boundary_report(mat, diffs, ts, thresholds_source=how, drift=d)
     report["subset"] = subset
-    report["thresholds_subset"] = thresholds_subset if out_of_sample else subset
+    report["thresholds_subset"] = (thresholds_subset if out_of_sample else subset) if learned else None
     report["out_of_sample"] = out_of_sample
+    report["thresholds_kind"] = (
+        ("out-of-sample" if out_of_sample else "in-sample") if learned else "given (not learned)"
+    )
     region = read_drift(drift, mat, "region_drift") if drift else None
     if region is not None:
         drop = mat.iou_original[:, None] - mat.iou_perturbed
@@ -753,7 +757,7 @@ def compute_boundary(
         mi_gain_pct=gain,
         mi_gain_detail=detail,
     )
-    if own_thresholds:
+    if own_thresholds and out_of_sample:
         own, own_how = chosen_thresholds(read_json(own_thresholds), source)
         ref = boundary_report(mat, diffs, own, thresholds_source=own_how)
         report["in_sample_reference"] = {

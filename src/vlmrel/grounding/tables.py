@@ -104,7 +104,7 @@ def boundary_table(bj: Mapping) -> str:
         ["samples x perturbations", f"{bj['n_samples']} x {bj['n_perturbations']}"],
         ["thresholds (beta_geo)", fmt(ch["thresholds"], 3)],
         ["thresholds from", fmt(bj["thresholds_source"])],
-        ["out-of-sample", fmt(bool(bj.get("out_of_sample")))],
+        ["thresholds kind", fmt(bj.get("thresholds_kind"))],
         ["boundary_000 rate (chosen)", pct(ch["boundary_000"]["rate"])],
         ["boundary_001 rate (chosen)", pct(ch["boundary_001"]["rate"])],
         ["boundary_000 rate (baseline)", pct(base["boundary_000"]["rate"])],
@@ -175,7 +175,7 @@ def checks_table(bj: Mapping) -> str:
         classes.append([None] * 5 + [{"pass": "pass", "fail": "fail"}.get(flag, "na")])
     cap = (
         f"The seeds' checks on subset {bj.get('subset')} "
-        f"({'out-of-sample' if bj.get('out_of_sample') else 'in-sample'} thresholds): "
+        f"({bj.get('thresholds_kind', 'in-sample')} thresholds): "
         f"{bj['checks']['n_pass']} pass, {bj['checks']['n_fail']} fail, {bj['checks']['n_undefined']} undefined"
     )
     return html_table(cap, ["check", "seed", "what", "value", "criterion", "result"], rows, classes)
@@ -192,7 +192,12 @@ def write_tables(
 
 
 def in_vs_out(validation: Mapping, threshold: Mapping | None, subsets: Sequence[Mapping]) -> dict:
-    """In-sample vs out-of-sample boundary rates side by side; checks the subsets are disjoint."""
+    """In-sample vs out-of-sample boundary rates side by side; checks the subsets are disjoint.
+
+    Rows: the threshold subset with its own thresholds (in-sample), the validation subset with the
+    threshold subset's (out-of-sample), and the validation subset with its own optimum (in-sample,
+    optimistic). Thresholds given in config are neither: their kind is "given (not learned)".
+    """
     if len(subsets) == 2:
         shared = sorted(set(subsets[0]["indices"]) & set(subsets[1]["indices"]))
         if shared:
@@ -200,55 +205,38 @@ def in_vs_out(validation: Mapping, threshold: Mapping | None, subsets: Sequence[
                 f"subsets {subsets[0]['name']} and {subsets[1]['name']} share {len(shared)} samples "
                 f"(e.g. dataset rows {shared[:10]}); thresholds must be validated on other samples"
             )
-    rows = []
 
-    def row(what: str, subset: str, b: Mapping, rates: Mapping, ts, in_sample: bool) -> dict:
+    def row(b: Mapping, rates: Mapping, ts, kind: str, source: str) -> dict:
         sem = b.get("semantic") or {}
         return {
-            "what": what,
-            "subset": subset,
+            "subset": b["subset"],
             "n_samples": b["n_samples"],
             "n_perturbations": b["n_perturbations"],
             "thresholds": ts,
-            "in_sample": in_sample,
+            "thresholds_source": source,
+            "kind": kind,
+            "in_sample": kind == "in-sample",
             "boundary_000_rate": rates["boundary_000"]["rate"],
             "boundary_001_rate": rates["boundary_001"]["rate"],
             "semantic_rate": sem.get("rate") if rates is b["thresholds"] else None,
         }
 
-    if threshold is not None:
-        rows.append(
-            row(
-                "threshold subset, its own thresholds",
-                threshold["subset"],
-                threshold,
-                threshold["thresholds"],
-                threshold["thresholds"]["thresholds"],
-                True,
-            )
-        )
-    rows.append(
-        row(
-            "validation subset, thresholds of the threshold subset"
-            if validation.get("out_of_sample")
-            else "subset, its own thresholds",
-            validation["subset"],
-            validation,
-            validation["thresholds"],
-            validation["thresholds"]["thresholds"],
-            not validation.get("out_of_sample"),
-        )
-    )
+    def kind_of(b: Mapping) -> str:
+        return b.get("thresholds_kind") or ("out-of-sample" if b.get("out_of_sample") else "in-sample")
+
+    rows = [
+        row(b, b["thresholds"], b["thresholds"]["thresholds"], kind_of(b), b.get("thresholds_source", ""))
+        for b in ([threshold] if threshold is not None else []) + [validation]
+    ]
     ref = validation.get("in_sample_reference")
     if ref:
         rows.append(
             row(
-                "validation subset, its own optimum (optimistic)",
-                validation["subset"],
                 validation,
                 ref,
                 ref["thresholds"],
-                True,
+                "in-sample",
+                f"{ref.get('thresholds_source', '')} (optimistic)",
             )
         )
     return {
@@ -263,17 +251,18 @@ def in_vs_out(validation: Mapping, threshold: Mapping | None, subsets: Sequence[
 def write_in_vs_out(
     validation: str, threshold: str | None, subsets: Sequence[str], out_json: str, out_html: str
 ) -> dict:
+    """``in_vs_out_of_sample.json`` and its HTML table."""
     res = in_vs_out(
         read_json(validation), read_json(threshold) if threshold else None, [read_json(s) for s in subsets]
     )
     write_json(out_json, res)
     rows = [
         [
-            r["what"],
             r["subset"],
             f"{r['n_samples']} x {r['n_perturbations']}",
             fmt(r["thresholds"], 3),
-            "in-sample" if r["in_sample"] else "out-of-sample",
+            r["thresholds_source"],
+            r["kind"],
             pct(r["boundary_000_rate"]),
             pct(r["boundary_001_rate"]),
             pct(r["semantic_rate"]) if r["semantic_rate"] is not None else "-",
@@ -285,24 +274,15 @@ def write_in_vs_out(
         if res["disjoint"]
         else " (no threshold subset configured: in-sample only)"
     )
-    write_html(
-        out_html,
-        "in vs out of sample",
-        [
-            html_table(
-                cap,
-                [
-                    "rates of",
-                    "subset",
-                    "samples x perturbations",
-                    "thresholds",
-                    "kind",
-                    "boundary_000",
-                    "boundary_001",
-                    "semantic",
-                ],
-                rows,
-            )
-        ],
-    )
+    header = [
+        "subset",
+        "samples x perturbations",
+        "thresholds",
+        "thresholds from",
+        "kind",
+        "boundary_000",
+        "boundary_001",
+        "semantic",
+    ]
+    write_html(out_html, "in vs out of sample", [html_table(cap, header, rows)])
     return res
