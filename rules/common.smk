@@ -52,7 +52,7 @@ TEACHER_TRUTH_KIND = "human_audited" if TEACHER_AUDITED else "auto"
 # grounding: referring expressions x perturbations through the VLM client (demo: the simulator)
 GROUNDING = config["grounding"]
 GSUBSET = GROUNDING["subset"]["name"]  # the subset judged (the validation subset with a threshold subset)
-GTSUBSET = (GROUNDING["threshold_subset"] or {}).get("name")  # where thresholds are chosen; None: GSUBSET
+GTSUBSET = GROUNDING.get("threshold_subset", {}).get("name")  # where thresholds are chosen; None: GSUBSET
 if GTSUBSET == GSUBSET:
     raise ValueError(f"config grounding.threshold_subset.name: {GTSUBSET!r} is also grounding.subset.name")
 GDATA = GROUNDING["data"]
