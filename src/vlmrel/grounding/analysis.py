@@ -43,7 +43,8 @@ PREDICTION_COLUMNS = (
 SIGNALS = ("perturbation_magnitude", "semantic_drift", "iou_drop")
 OBJECTIVE = (
     "I(C_t(IoU); S) in nats: k sorted thresholds give k+1 classes #{j: IoU >= t_j}; S is the signal "
-    "binned into n_bins bins; pairs with a failure (NaN) are left out"
+    "binned into n_bins bins (binning seed: notebook 02's np.digitize, n_bins + 1 labels); pairs with a "
+    "failure (NaN) are left out"
 )
 
 
