@@ -14,6 +14,12 @@
   a killed job loses only requests in flight (the client's cache keeps the rest).
 * :func:`compute_ious`, :func:`compute_drift`, :func:`compute_thresholds`, :func:`compute_boundary`,
   :func:`make_figures`: the analysis of :mod:`vlmrel.grounding.analysis`.
+
+With a threshold subset (config ``grounding.threshold_subset``), the chain runs on both subsets;
+the validation subset is selected apart from the threshold subset (``make_subset(exclude_file=)``)
+and :func:`compute_boundary` classifies it with the threshold subset's ``thresholds.json``
+(out-of-sample), its own optimum's rates beside; geometric and semantic boundary samples, their
+overlap and the seeds' checks go into ``boundary.json``.
 """
 
 from __future__ import annotations
