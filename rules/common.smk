@@ -56,7 +56,10 @@ TEACHER_TRUTH_KIND = "human_audited" if TEACHER_AUDITED else "auto"
 
 # grounding: referring expressions x perturbations through the VLM client (demo: the simulator)
 GROUNDING = config["grounding"]
-GSUBSET = GROUNDING["subset"]["name"]
+GSUBSET = GROUNDING["subset"]["name"]  # the subset judged (the validation subset with a threshold subset)
+GTSUBSET = GROUNDING.get("threshold_subset", {}).get("name")  # where thresholds are chosen; None: GSUBSET
+if GTSUBSET == GSUBSET:
+    raise ValueError(f"config grounding.threshold_subset.name: {GTSUBSET!r} is also grounding.subset.name")
 GDATA = GROUNDING["data"]
 GDEMO = GDATA["source"] == "demo"
 GSIM = bool(config["vlm"]["simulator"]["enabled"])
@@ -76,7 +79,7 @@ wildcard_constraints:
     p=r"[0-9][0-9.e-]*",
     exp="|".join(EXPERIMENTS),
     kind="|".join(KINDS),
-    subset=re.escape(GSUBSET),
+    subset="|".join(re.escape(n) for n in (GSUBSET, GTSUBSET) if n),
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -299,9 +302,49 @@ def grounding_dataset(wildcards=None):
     return [cc["refs"], cc["instances"]]
 
 
-def grounding_indices_file(wildcards=None):
-    """A saved subset to reuse (grounding.subset.indices), or nothing."""
-    return [GROUNDING["subset"]["indices"]] if GROUNDING["subset"]["indices"] else []
+def grounding_subset_cfg(name):
+    """A named subset's settings (n, seed, allocation, indices, perturbations): subset or threshold_subset."""
+    if name == GSUBSET:
+        return {**GROUNDING["subset"], "perturbations": GROUNDING["perturbations"]}
+    if name == GTSUBSET:
+        return GROUNDING["threshold_subset"]
+    known = [n for n in (GSUBSET, GTSUBSET) if n]
+    raise ValueError(f"grounding: no subset named {name!r} in config (configured: {known})")
+
+
+def grounding_indices_file(wildcards):
+    """A saved subset to reuse (the subset's `indices`), or nothing."""
+    indices = grounding_subset_cfg(wildcards.subset)["indices"]
+    return [indices] if indices else []
+
+
+def grounding_exclude_file(wildcards):
+    """The threshold subset, which the validation subset is drawn apart from (disjoint)."""
+    if GTSUBSET and wildcards.subset == GSUBSET:
+        return [f"{RESULTS}/grounding/subsets/{GTSUBSET}.json"]
+    return []
+
+
+def grounding_thresholds_input(wildcards):
+    """The thresholds.json a subset is classified with: the threshold subset's (out-of-sample) or its own."""
+    chosen_on = GTSUBSET if GTSUBSET and wildcards.subset == GSUBSET else wildcards.subset
+    return f"{RESULTS}/grounding/{chosen_on}/thresholds.json"
+
+
+def grounding_predict_after(wildcards):
+    """The validation subset's requests start after the threshold subset's: one job at a time talks to
+    the VLM server (vlm.concurrency holds per job) and opens the response cache (two jobs creating
+    the SQLite cache at once fail with 'database is locked')."""
+    if GTSUBSET and wildcards.subset == GSUBSET:
+        return [f"{RESULTS}/grounding/{GTSUBSET}/vlm_stats.json"]
+    return []
+
+
+def grounding_own_thresholds(wildcards):
+    """A subset's own thresholds.json when it is classified out-of-sample (its in-sample rates beside)."""
+    if GTSUBSET and wildcards.subset == GSUBSET:
+        return [f"{RESULTS}/grounding/{wildcards.subset}/thresholds.json"]
+    return []
 
 
 def grounding_sim_metadata(wildcards=None):
@@ -321,17 +364,26 @@ def grounding_drift_input(wildcards):
 
 
 def grounding_targets():
-    out = f"{RESULTS}/grounding/{GSUBSET}"
-    return [
-        f"{RESULTS}/grounding/subsets/{GSUBSET}.json",
-        f"{out}/predictions.parquet",
-        f"{out}/ious.parquet",
-        f"{out}/thresholds.json",
-        f"{out}/boundary.json",
-        f"{out}/figures/validation.png",
-        f"{out}/figures/thresholds.png",
-        f"{out}/figures/timing.png",
-    ]
+    targets = []
+    for name in (GTSUBSET, GSUBSET):
+        if not name:
+            continue
+        out = f"{RESULTS}/grounding/{name}"
+        targets += [
+            f"{RESULTS}/grounding/subsets/{name}.json",
+            f"{out}/predictions.parquet",
+            f"{out}/ious.parquet",
+            f"{out}/thresholds.json",
+            f"{out}/boundary.json",
+            f"{out}/figures/validation.png",
+            f"{out}/figures/thresholds.png",
+            f"{out}/figures/timing.png",
+            f"{out}/tables/thresholds.html",
+            f"{out}/tables/boundary.html",
+            f"{out}/tables/checks.html",
+        ]
+    targets.append(f"{RESULTS}/grounding/{GSUBSET}/tables/in_vs_out_of_sample.html")
+    return targets
 
 
 def static_targets():
