@@ -1,0 +1,303 @@
+"""Exact AUROC, AUPR and FPR95 of float32 scores over every pixel, in bounded memory.
+
+float16 scores have 65,536 values, so one histogram is their sorted list (``metrics``). float32
+scores have 2^32; a histogram over all of them does not fit. Two kinds of pass do instead:
+
+1. **Coarse pass.** Every score gets an order-preserving uint32 key (``float32_keys``: ``-0.0``
+   shares ``+0.0``'s key, NaN is an error). Counts ``[65536, 2]`` (normal, anomaly) are kept per
+   *coarse bin*, the key's top 16 bits (sign, exponent and 7 mantissa bits).
+2. **Refinement passes.** Only a bin whose inside order can change a metric is refined:
+
+   * a *mixed* bin (anomalies and normals share it): AUROC counts its inner pairs, AP and
+     FPR95 see its inner interleaving;
+   * a bin of 2+ anomalies only, below some normal pixel: AP depends on which of its anomalies
+     tie (``pos_v * tp_v / (tp_v + fp_v)`` over distinct values).
+
+   A refined bin gets counts ``[65536, 2]`` over the key's low 16 bits, i.e. over every float32
+   value inside it. Bins are grouped so that one group's tables fit ``max_refine_mb``; each group
+   costs one more pass over the data. Pure-normal bins are never refined.
+
+From the coarse counts (``T0_b``, ``F0_b`` = anomalies/normals in bins above bin ``b``) and the
+refined bins:
+
+* AUROC = ``(sum_b 2 neg_b T0_b + sum_{refined b} [2 sum_v neg_v pos_above_v + sum_v neg_v pos_v]) / (2 P N)``
+  in exact integers (the Mann-Whitney statistic, ties one half = ``roc_auc_score``);
+* AUPR = ``(1/P) sum_v pos_v tp_v / (tp_v + fp_v)`` over distinct values ``v``
+  (``average_precision_score``); an unrefined anomaly bin is one value or has ``fp = 0``, so it
+  contributes ``pos_b (T0_b + pos_b) / (T0_b + pos_b + F0_b)``;
+* FPR95 = ``fp / N`` at the first value (descending) with ``tp / P >= level``
+  (``roc_curve(drop_intermediate=False)``); found in the coarse bin where TPR crosses ``level``
+  and, when that bin is refined, inside it.
+
+Memory: the coarse counts (1 MB), at most ``max_refine_mb`` of refined tables, and the
+temporaries of one chunk. It does not grow with the number of pixels; the number of passes
+grows with the number of mixed bins (1 + ceil(mixed bins x 0.5 MB / max_refine_mb)).
+
+Usage, for data that can be read again (a file, a generator)::
+
+    result = exact_metrics_passes(lambda: iter_chunks(), tpr_level=0.95)
+
+or with the accumulator: ``update`` every chunk, then for ``g in range(acc.plan())``:
+``acc.start_group(g)``, ``refine`` every chunk, ``acc.finish_group()``; then ``result()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+NBINS = 1 << 16
+SUB = 1 << 17  # cells per refined bin: 65536 low keys x (normal, anomaly)
+CHUNK = 1 << 20
+_NEG_ZERO = np.uint32(0x7FFFFFFF)
+_POS_ZERO = np.uint32(0x80000000)
+
+
+def float32_keys(scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Order-preserving uint32 keys of ``scores`` as float32, and whether float32 held them exactly."""
+    s = np.asarray(scores)
+    if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
+        raise TypeError(f"scores must be a float array, got dtype {s.dtype}")
+    lossless = True
+    if s.dtype != np.float32:
+        with np.errstate(over="ignore", invalid="ignore"):
+            s32 = s.astype(np.float32)
+        if s.dtype.itemsize > 4 or np.issubdtype(s.dtype, np.integer):
+            lossless = bool(np.array_equal(s32.astype(s.dtype), s, equal_nan=True))
+        s = s32
+    if np.isnan(s).any():
+        raise ValueError(f"scores contain {int(np.isnan(s).sum())} NaN values")
+    u = np.ascontiguousarray(s).view(np.uint32)
+    flip = ((u >> np.uint32(31)) * np.uint32(0x7FFFFFFF)) | _POS_ZERO
+    keys = u ^ flip
+    keys[keys == _NEG_ZERO] = _POS_ZERO
+    return keys, lossless
+
+
+def _flatten(
+    scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores).reshape(-1)
+    y = np.asarray(is_anomaly).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and is_anomaly differ in size: {np.shape(scores)} vs {np.shape(is_anomaly)}")
+    if valid is not None:
+        v = np.asarray(valid, dtype=bool).reshape(-1)
+        if v.shape != s.shape:
+            raise ValueError(f"valid mask has shape {np.shape(valid)}, scores {np.shape(scores)}")
+        if not v.all():
+            s, y = s[v], y[v]
+    return s, y.astype(bool, copy=False)
+
+
+class Float32Exact:
+    """Exact metrics of float32 scores by a coarse pass and refinement passes (module docstring)."""
+
+    def __init__(self, tpr_level: float = 0.95, max_refine_mb: float = 512.0) -> None:
+        self.tpr_level = float(tpr_level)
+        self.max_refine_mb = float(max_refine_mb)
+        self.coarse = np.zeros(2 * NBINS, dtype=np.int64)
+        self.lossless = True
+        self._groups: list[np.ndarray] | None = None
+        self._group: int | None = None
+        self._slot: np.ndarray | None = None
+        self._table: np.ndarray | None = None
+        self._twice_within = 0
+        self._ap_refined: dict[int, float] = {}
+        self._fp_at_cross: int | None = None
+        self._done = 0
+
+    # ---- pass 1 ----------------------------------------------------------------------------------
+
+    def update(self, scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None) -> None:
+        if self._groups is not None:
+            raise RuntimeError("update() after plan(): the coarse pass is over")
+        s, y = _flatten(scores, is_anomaly, valid)
+        for lo in range(0, s.size, CHUNK):
+            keys, ok = float32_keys(s[lo : lo + CHUNK])
+            self.lossless &= ok
+            code = (keys >> np.uint32(16)).astype(np.intp)
+            code <<= 1
+            code |= y[lo : lo + CHUNK]
+            self.coarse += np.bincount(code, minlength=2 * NBINS)
+
+    def __iadd__(self, other: Float32Exact) -> Float32Exact:
+        if self._groups is not None or other._groups is not None:
+            raise RuntimeError("only coarse passes can be merged")
+        self.coarse += other.coarse
+        self.lossless &= other.lossless
+        return self
+
+    # ---- planning --------------------------------------------------------------------------------
+
+    def _desc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        c = self.coarse.reshape(NBINS, 2)
+        bins = np.flatnonzero(c.sum(axis=1))[::-1]  # occupied bins, highest scores first
+        neg, pos = c[bins, 0], c[bins, 1]
+        return bins, neg, pos, np.cumsum(pos) - pos, np.cumsum(neg) - neg
+
+    def refined_bins(self) -> np.ndarray:
+        """Coarse bins (descending) whose inner order matters."""
+        bins, neg, pos, _t0, f0 = self._desc()
+        need = ((pos > 0) & (neg > 0)) | ((pos > 1) & (f0 > 0))
+        return bins[need]
+
+    def plan(self) -> int:
+        """Group the refined bins under ``max_refine_mb``; the number of refinement passes."""
+        if self._groups is None:
+            refined = self.refined_bins()
+            per_bin = SUB * self._table_dtype().itemsize
+            size = max(1, int(self.max_refine_mb * 2**20 // per_bin))
+            self._groups = [refined[i : i + size] for i in range(0, refined.size, size)]
+            self._crossing()
+        return len(self._groups)
+
+    def _table_dtype(self) -> np.dtype:
+        return np.dtype(np.uint32 if int(self.coarse.sum()) < 2**32 else np.int64)
+
+    def _crossing(self) -> None:
+        """The coarse bin where TPR first reaches the level (its FPR when it is not refined)."""
+        bins, neg, pos, t0, f0 = self._desc()
+        P = int(pos.sum())
+        self._cross_bin = None
+        if P == 0 or int(neg.sum()) == 0:
+            return
+        i = int(np.argmax((t0 + pos) / P >= self.tpr_level))
+        self._cross_bin = int(bins[i])
+        self._cross_t0, self._cross_f0 = int(t0[i]), int(f0[i])
+        self._fp_at_cross = int(f0[i])  # exact when the bin is pure anomaly (then it is not mixed)
+
+    # ---- refinement passes -----------------------------------------------------------------------
+
+    def start_group(self, g: int) -> None:
+        self.plan()
+        assert self._groups is not None
+        bins = self._groups[g]
+        self._group = g
+        self._slot = np.full(NBINS, -1, dtype=np.intp)
+        self._slot[bins] = np.arange(bins.size)
+        self._table = np.zeros(bins.size * SUB, dtype=self._table_dtype())
+
+    def refine(self, scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None) -> None:
+        if self._table is None:
+            return  # this accumulator has no group in this pass
+        s, y = _flatten(scores, is_anomaly, valid)
+        for lo in range(0, s.size, CHUNK):
+            keys, _ = float32_keys(s[lo : lo + CHUNK])
+            slot = self._slot[keys >> np.uint32(16)]
+            sel = slot >= 0
+            if not sel.any():
+                continue
+            code = slot[sel] * SUB
+            code += (keys[sel] & np.uint32(0xFFFF)).astype(np.intp) << 1
+            code |= y[lo : lo + CHUNK][sel]
+            self._add(code)
+
+    def _add(self, code: np.ndarray) -> None:
+        table = self._table
+        assert table is not None
+        if table.size <= 4 * code.size or table.size <= (1 << 22):
+            table += np.bincount(code, minlength=table.size).astype(table.dtype, copy=False)
+        else:
+            u, c = np.unique(code, return_counts=True)
+            table[u] += c.astype(table.dtype, copy=False)
+
+    def finish_group(self) -> None:
+        assert self._groups is not None and self._group is not None and self._table is not None
+        bins = self._groups[self._group]
+        bins_d, neg_d, pos_d, t0_d, f0_d = self._desc()
+        where = {int(b): i for i, b in enumerate(bins_d)}
+        P = int(pos_d.sum())
+        for k, b in enumerate(bins):
+            i = where[int(b)]
+            sub = self._table[k * SUB : (k + 1) * SUB].reshape(NBINS, 2).astype(np.int64)
+            nz = np.flatnonzero(sub.sum(axis=1))[::-1]
+            neg, pos = sub[nz, 0], sub[nz, 1]
+            if int(neg.sum()) != int(neg_d[i]) or int(pos.sum()) != int(pos_d[i]):
+                raise RuntimeError(
+                    "the refinement pass saw other data than the coarse pass "
+                    f"(bin {int(b)}: {int(neg.sum())}/{int(pos.sum())} vs {int(neg_d[i])}/{int(pos_d[i])})"
+                )
+            cpos, cneg = np.cumsum(pos), np.cumsum(neg)
+            above = cpos - pos
+            self._twice_within += 2 * int(np.dot(neg, above)) + int(np.dot(neg, pos))
+            tp = t0_d[i] + cpos
+            fp = f0_d[i] + cneg
+            has = pos > 0
+            self._ap_refined[int(b)] = float(np.dot(pos[has], tp[has] / (tp[has] + fp[has])))
+            if int(b) == self._cross_bin:
+                j = int(np.argmax(tp / P >= self.tpr_level))
+                self._fp_at_cross = int(fp[j])
+        self._group = None
+        self._table = None
+        self._slot = None
+        self._done += 1
+
+    # ---- result ----------------------------------------------------------------------------------
+
+    def result(self) -> dict:
+        if self._groups is None:
+            self.plan()
+        assert self._groups is not None
+        if self._done != len(self._groups):
+            raise RuntimeError("result() before every refinement pass has run")
+        bins, neg, pos, t0, f0 = self._desc()
+        P, N = int(pos.sum()), int(neg.sum())
+        out: dict = {"n_anomaly": P, "n_normal": N, "tpr_level": self.tpr_level}
+        if P == 0 or N == 0:
+            # no pair to rank; with anomalies only, every precision is 1 (as average_precision_score)
+            out.update(auroc=math.nan, aupr=math.nan if P == 0 else 1.0, fpr95=math.nan)
+        else:
+            twice = 2 * int(np.dot(neg, t0)) if 2 * P * N < 2**62 else sum(
+                2 * int(n) * int(t) for n, t in zip(neg, t0, strict=True)
+            )
+            twice += self._twice_within
+            ap = 0.0
+            for b, n_pos, t, f in zip(bins, pos, t0, f0, strict=True):
+                if n_pos == 0:
+                    continue
+                if int(b) in self._ap_refined:
+                    ap += self._ap_refined[int(b)]
+                else:
+                    ap += float(n_pos) * float(t + n_pos) / float(t + n_pos + f)
+            out.update(auroc=twice / (2 * P * N), aupr=ap / P, fpr95=self._fp_at_cross / N)
+        out["passes"] = 1 + len(self._groups)
+        out["refined_bins"] = int(sum(g.size for g in self._groups))
+        out["exact"] = bool(self.lossless)
+        return out
+
+
+def exact_metrics_passes(
+    make_chunks: Callable[[], Iterable[tuple]],
+    *,
+    tpr_level: float = 0.95,
+    max_refine_mb: float = 512.0,
+) -> dict:
+    """Exact metrics over data that ``make_chunks()`` yields afresh for every pass.
+
+    Each item is ``(scores, is_anomaly)`` or ``(scores, is_anomaly, valid)``.
+    """
+    acc = Float32Exact(tpr_level, max_refine_mb)
+    for item in make_chunks():
+        acc.update(*item)
+    for g in range(acc.plan()):
+        acc.start_group(g)
+        for item in make_chunks():
+            acc.refine(*item)
+        acc.finish_group()
+    return acc.result()
+
+
+def exact_metrics_float32(
+    scores: np.ndarray,
+    is_anomaly: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    tpr_level: float = 0.95,
+    max_refine_mb: float = 512.0,
+) -> dict:
+    """Exact metrics of in-memory float32 scores (the passes run over the array)."""
+    s, y = _flatten(scores, is_anomaly, valid)
+    return exact_metrics_passes(lambda: [(s, y)], tpr_level=tpr_level, max_refine_mb=max_refine_mb)
