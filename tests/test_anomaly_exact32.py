@@ -69,7 +69,11 @@ def test_constant_scores():
 def test_single_class():
     s = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     only_normal = E.exact_metrics_float32(s, np.zeros(100, bool))
-    assert math.isnan(only_normal["auroc"]) and math.isnan(only_normal["aupr"]) and math.isnan(only_normal["fpr95"])
+    assert (
+        math.isnan(only_normal["auroc"])
+        and math.isnan(only_normal["aupr"])
+        and math.isnan(only_normal["fpr95"])
+    )
     only_anomaly = E.exact_metrics_float32(s, np.ones(100, bool))
     assert math.isnan(only_anomaly["auroc"]) and only_anomaly["aupr"] == 1.0
     assert only_anomaly["aupr"] == average_precision_score(np.ones(100, bool), s)

@@ -82,7 +82,9 @@ def _flatten(
     s = np.asarray(scores).reshape(-1)
     y = np.asarray(is_anomaly).reshape(-1)
     if s.shape != y.shape:
-        raise ValueError(f"scores and is_anomaly differ in size: {np.shape(scores)} vs {np.shape(is_anomaly)}")
+        raise ValueError(
+            f"scores and is_anomaly differ in size: {np.shape(scores)} vs {np.shape(is_anomaly)}"
+        )
     if valid is not None:
         v = np.asarray(valid, dtype=bool).reshape(-1)
         if v.shape != s.shape:
@@ -250,8 +252,10 @@ class Float32Exact:
             # no pair to rank; with anomalies only, every precision is 1 (as average_precision_score)
             out.update(auroc=math.nan, aupr=math.nan if P == 0 else 1.0, fpr95=math.nan)
         else:
-            twice = 2 * int(np.dot(neg, t0)) if 2 * P * N < 2**62 else sum(
-                2 * int(n) * int(t) for n, t in zip(neg, t0, strict=True)
+            twice = (
+                2 * int(np.dot(neg, t0))
+                if 2 * P * N < 2**62
+                else sum(2 * int(n) * int(t) for n, t in zip(neg, t0, strict=True))
             )
             twice += self._twice_within
             ap = 0.0
