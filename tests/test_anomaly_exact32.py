@@ -45,6 +45,10 @@ def test_one_ulp_apart_across_labels_equals_sklearn(seed, rate):
     got = exact_metrics(s, y)
     assert_equal_sklearn(got, s, y)
     assert got["quantization"] == {**got["quantization"], "exact": True, "score_precision": "float32"}
+    passes = E.exact_metrics_float32(s, y, method="passes", max_refine_mb=2.0)
+    assert passes["passes"] > 1
+    for k in ("auroc", "aupr", "fpr95", "n_anomaly", "n_normal"):
+        assert passes[k] == pytest.approx(got[k], abs=1e-12), k
 
 
 @pytest.mark.parametrize("max_refine_mb", [0.5, 1.0, 3.0, 512.0])
@@ -52,47 +56,51 @@ def test_many_refinement_passes_give_the_same_result(max_refine_mb):
     rng = np.random.default_rng(4)
     y = rng.random(30_000) < 0.1
     s = (rng.standard_normal(30_000) + y).astype(np.float32)
-    got = E.exact_metrics_float32(s, y, max_refine_mb=max_refine_mb)
+    got = E.exact_metrics_float32(s, y, max_refine_mb=max_refine_mb, method="passes")
     assert_equal_sklearn(got, s, y)
     if max_refine_mb == 0.5:
         assert got["passes"] == 1 + got["refined_bins"]  # one bin per pass: many passes, same answer
 
 
-def test_constant_scores():
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_constant_scores(method):
     y = np.r_[np.ones(7, bool), np.zeros(13, bool)]
     s = np.full(20, 0.3, np.float32)
-    got = E.exact_metrics_float32(s, y)
+    got = E.exact_metrics_float32(s, y, method=method)
     assert_equal_sklearn(got, s, y)
     assert got["auroc"] == 0.5 and got["fpr95"] == 1.0
 
 
-def test_single_class():
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_single_class(method):
     s = np.random.default_rng(0).standard_normal(100).astype(np.float32)
-    only_normal = E.exact_metrics_float32(s, np.zeros(100, bool))
+    only_normal = E.exact_metrics_float32(s, np.zeros(100, bool), method=method)
     assert (
         math.isnan(only_normal["auroc"])
         and math.isnan(only_normal["aupr"])
         and math.isnan(only_normal["fpr95"])
     )
-    only_anomaly = E.exact_metrics_float32(s, np.ones(100, bool))
+    only_anomaly = E.exact_metrics_float32(s, np.ones(100, bool), method=method)
     assert math.isnan(only_anomaly["auroc"]) and only_anomaly["aupr"] == 1.0
     assert only_anomaly["aupr"] == average_precision_score(np.ones(100, bool), s)
 
 
-def test_anomaly_only_bins_below_normals_need_their_ties():
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_anomaly_only_bins_below_normals_need_their_ties(method):
     # two anomalies tied vs one ulp apart in a bin of anomalies only, below a normal: AP differs
     top = np.float32(5.0)
     a = np.float32(1.0)
     for second in (a, np.nextafter(a, np.float32(2))):
         s = np.array([top, a, second, -3.0], np.float32)
         y = np.array([0, 1, 1, 0], bool)
-        assert_equal_sklearn(E.exact_metrics_float32(s, y), s, y)
+        assert_equal_sklearn(E.exact_metrics_float32(s, y, method=method), s, y)
 
 
-def test_signed_zero_infinities_and_nan():
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_signed_zero_infinities_and_nan(method):
     s = np.array([-0.0, 0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38], np.float32)
     y = np.array([1, 0, 0, 1, 1, 0, 1], bool)
-    got = E.exact_metrics_float32(s, y)
+    got = E.exact_metrics_float32(s, y, method=method)
     assert_equal_sklearn(got, np.clip(s.astype(np.float64), -1e300, 1e300), y)
     with pytest.raises(ValueError, match="NaN"):
         E.exact_metrics_float32(np.array([0.1, np.nan], np.float32), np.array([1, 0], bool))

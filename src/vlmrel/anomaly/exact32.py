@@ -294,6 +294,9 @@ def exact_metrics_passes(
     return acc.result()
 
 
+SORT_MAX = 1 << 22
+
+
 def exact_metrics_float32(
     scores: np.ndarray,
     is_anomaly: np.ndarray,
@@ -301,7 +304,44 @@ def exact_metrics_float32(
     *,
     tpr_level: float = 0.95,
     max_refine_mb: float = 512.0,
+    method: str = "auto",
 ) -> dict:
-    """Exact metrics of in-memory float32 scores (the passes run over the array)."""
+    """Exact metrics of in-memory float32 scores.
+
+    ``method``: ``sort`` (sort the keys: memory ~ 3x the array, for small arrays such as one
+    image), ``passes`` (coarse + refinement passes over the array, bounded extra memory), or
+    ``auto`` (sort up to ``SORT_MAX`` elements).
+    """
     s, y = _flatten(scores, is_anomaly, valid)
+    if method == "sort" or (method == "auto" and s.size <= SORT_MAX):
+        return _sorted_metrics(s, y, tpr_level)
+    if method not in ("auto", "passes"):
+        raise ValueError(f"method must be auto, sort or passes, got {method!r}")
     return exact_metrics_passes(lambda: [(s, y)], tpr_level=tpr_level, max_refine_mb=max_refine_mb)
+
+
+def _sorted_metrics(s: np.ndarray, y: np.ndarray, tpr_level: float) -> dict:
+    keys, lossless = float32_keys(s)
+    code = keys.astype(np.uint64) << np.uint64(1)
+    code |= y.astype(np.uint64)
+    u, c = np.unique(code, return_counts=True)
+    value = u >> np.uint64(1)
+    first = np.r_[True, value[1:] != value[:-1]]
+    group = np.cumsum(first) - 1
+    n_groups = int(group[-1]) + 1 if group.size else 0
+    is_pos = (u & np.uint64(1)).astype(bool)
+    pos = np.bincount(group[is_pos], weights=c[is_pos], minlength=n_groups).astype(np.int64)[::-1]
+    neg = np.bincount(group[~is_pos], weights=c[~is_pos], minlength=n_groups).astype(np.int64)[::-1]
+    P, N = int(pos.sum()), int(neg.sum())
+    out: dict = {"n_anomaly": P, "n_normal": N, "tpr_level": float(tpr_level)}
+    if P == 0 or N == 0:
+        out.update(auroc=math.nan, aupr=math.nan if P == 0 else 1.0, fpr95=math.nan)
+    else:
+        tp, fp = np.cumsum(pos), np.cumsum(neg)
+        twice = 2 * int(np.dot(neg, tp - pos)) + int(np.dot(neg, pos))
+        has = pos > 0
+        ap = float(np.dot(pos[has], tp[has] / (tp[has] + fp[has])))
+        idx = int(np.argmax(tp / P >= tpr_level))
+        out.update(auroc=twice / (2 * P * N), aupr=ap / P, fpr95=float(fp[idx] / N))
+    out.update(passes=1, refined_bins=0, exact=bool(lossless))
+    return out

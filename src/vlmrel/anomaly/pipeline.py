@@ -62,6 +62,35 @@ def demo_data(
         )
 
 
+def import_streethazards(
+    root: PathLike,
+    data_out: PathLike,
+    summary_out: PathLike,
+    *,
+    split: str,
+    folders: dict[str, str],
+    image_size: Sequence[int],
+    resize: Sequence[int] | None,
+    label_offset: int,
+    spec: LabelSpec,
+) -> None:
+    """One split of StreetHazards from its published layout into the chain's data file."""
+    from vlmrel.anomaly.streethazards import import_split
+
+    summary = import_split(
+        root,
+        data_out,
+        images=folders["images"],
+        annotations=folders["annotations"],
+        image_size=image_size,
+        spec=spec,
+        resize=resize,
+        label_offset=label_offset,
+        split=split,
+    )
+    write_json(summary_out, summary)
+
+
 def train(
     train_path: PathLike, val_path: PathLike, model_out: PathLike, record_out: PathLike, **kwargs: object
 ) -> None:
