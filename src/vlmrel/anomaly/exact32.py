@@ -49,7 +49,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 NBINS = 1 << 16
-SUB = 1 << 17  # cells per refined bin: 65536 low keys x (normal, anomaly)
+SUB = 1 << 17  # (value, label) cells per refined bin: 65536 low keys x (normal, anomaly)
+ENTRY_BYTES = 48  # planned memory per stored (value, label) count, merge temporaries included
+DENSE_BYTES = 4  # per cell of a dense bin table (uint32)
 CHUNK = 1 << 20
 _NEG_ZERO = np.uint32(0x7FFFFFFF)
 _POS_ZERO = np.uint32(0x80000000)
@@ -105,7 +107,6 @@ class Float32Exact:
         self._groups: list[np.ndarray] | None = None
         self._group: int | None = None
         self._slot: np.ndarray | None = None
-        self._table: np.ndarray | None = None
         self._twice_within = 0
         self._ap_refined: dict[int, float] = {}
         self._fp_at_cross: int | None = None
@@ -147,17 +148,28 @@ class Float32Exact:
         return bins[need]
 
     def plan(self) -> int:
-        """Group the refined bins under ``max_refine_mb``; the number of refinement passes."""
+        """Group the refined bins under ``max_refine_mb``; the number of refinement passes.
+
+        A refined bin stores at most ``min(pixels in it, 2 x 65536)`` (value, label) counts; a
+        group holds bins whose bound, at ``ENTRY_BYTES`` each, fits ``max_refine_mb``.
+        """
         if self._groups is None:
             refined = self.refined_bins()
-            per_bin = SUB * self._table_dtype().itemsize
-            size = max(1, int(self.max_refine_mb * 2**20 // per_bin))
-            self._groups = [refined[i : i + size] for i in range(0, refined.size, size)]
+            c = self.coarse.reshape(NBINS, 2).sum(axis=1)
+            self._dense_bin = np.zeros(NBINS, dtype=bool)  # a table of every value is cheaper
+            self._dense_bin[refined] = c[refined] * ENTRY_BYTES > SUB * DENSE_BYTES
+            need = np.where(self._dense_bin[refined], SUB * DENSE_BYTES, c[refined] * ENTRY_BYTES)
+            budget = self.max_refine_mb * 2**20
+            self._groups, start, used = [], 0, 0.0
+            for i, n in enumerate(need):
+                if i > start and used + n > budget:
+                    self._groups.append(refined[start:i])
+                    start, used = i, 0.0
+                used += n
+            if refined.size:
+                self._groups.append(refined[start:])
             self._crossing()
         return len(self._groups)
-
-    def _table_dtype(self) -> np.dtype:
-        return np.dtype(np.uint32 if int(self.coarse.sum()) < 2**32 else np.int64)
 
     def _crossing(self) -> None:
         """The coarse bin where TPR first reaches the level (its FPR when it is not refined)."""
@@ -168,8 +180,7 @@ class Float32Exact:
             return
         i = int(np.argmax((t0 + pos) / P >= self.tpr_level))
         self._cross_bin = int(bins[i])
-        self._cross_t0, self._cross_f0 = int(t0[i]), int(f0[i])
-        self._fp_at_cross = int(f0[i])  # exact when the bin is pure anomaly (then it is not mixed)
+        self._fp_at_cross = int(f0[i])  # exact when the bin is pure anomaly (then it is not refined)
 
     # ---- refinement passes -----------------------------------------------------------------------
 
@@ -178,12 +189,20 @@ class Float32Exact:
         assert self._groups is not None
         bins = self._groups[g]
         self._group = g
-        self._slot = np.full(NBINS, -1, dtype=np.intp)
+        self._slot = np.full(NBINS, -1, dtype=np.int64)
         self._slot[bins] = np.arange(bins.size)
-        self._table = np.zeros(bins.size * SUB, dtype=self._table_dtype())
+        dense = np.flatnonzero(self._dense_bin[bins])  # slots counted in a table
+        self._dense_of_slot = np.full(bins.size + 1, -1, dtype=np.int64)
+        self._dense_of_slot[dense] = np.arange(dense.size)
+        self._table = np.zeros(dense.size * SUB, dtype=np.uint32 if self.coarse.sum() < 2**32 else np.int64)
+        self._code_dtype = np.dtype(np.uint32 if bins.size * SUB <= 2**32 else np.uint64)
+        self._codes = np.zeros(0, dtype=self._code_dtype)
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending = 0
 
     def refine(self, scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None) -> None:
-        if self._table is None:
+        if self._slot is None:
             return  # this accumulator has no group in this pass
         s, y = _flatten(scores, is_anomaly, valid)
         for lo in range(0, s.size, CHUNK):
@@ -192,49 +211,110 @@ class Float32Exact:
             sel = slot >= 0
             if not sel.any():
                 continue
-            code = slot[sel] * SUB
-            code += (keys[sel] & np.uint32(0xFFFF)).astype(np.intp) << 1
+            code = slot[sel].astype(self._code_dtype)
+            code *= self._code_dtype.type(SUB)
+            low = (keys[sel] & np.uint32(0xFFFF)).astype(self._code_dtype)
+            low <<= self._code_dtype.type(1)
+            code += low
             code |= y[lo : lo + CHUNK][sel]
-            self._add(code)
+            code.sort()
+            starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+            u, c = code[starts], np.diff(np.r_[starts, code.size])
+            if self._table.size:
+                d = self._dense_of_slot[(u // self._code_dtype.type(SUB)).astype(np.int64)]
+                into = d >= 0
+                cell = d[into] * SUB + (u[into] % self._code_dtype.type(SUB)).astype(np.int64)
+                self._table[cell] += c[into].astype(self._table.dtype)
+                u, c = u[~into], c[~into]
+            self._runs.append((u, c))
+            self._pending += u.size
+            if self._pending >= max(self._codes.size, 1 << 22):
+                self._consolidate()
 
-    def _add(self, code: np.ndarray) -> None:
-        table = self._table
-        assert table is not None
-        if table.size <= 4 * code.size or table.size <= (1 << 22):
-            table += np.bincount(code, minlength=table.size).astype(table.dtype, copy=False)
-        else:
-            u, c = np.unique(code, return_counts=True)
-            table[u] += c.astype(table.dtype, copy=False)
+    def _consolidate(self) -> None:
+        """Merge the pending sorted runs into the (code, count) list."""
+        if not self._runs:
+            return
+        codes = np.concatenate([self._codes, *(r[0] for r in self._runs)])
+        counts = np.concatenate([self._counts, *(r[1] for r in self._runs)])
+        self._runs, self._pending = [], 0
+        if not codes.size:
+            self._codes, self._counts = codes, counts
+            return
+        order = np.argsort(codes)  # order among equal codes does not matter: their counts are summed
+        codes = codes[order]
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+        self._counts = np.add.reduceat(counts[order], starts)
+        self._codes = codes[starts]
 
     def finish_group(self) -> None:
-        assert self._groups is not None and self._group is not None and self._table is not None
+        assert self._groups is not None and self._group is not None and self._slot is not None
+        self._consolidate()
         bins = self._groups[self._group]
+        dense_slots = np.flatnonzero(self._dense_of_slot[:-1] >= 0)
+        if dense_slots.size:  # table cells -> (code, count) entries
+            nz = np.flatnonzero(self._table)
+            code = dense_slots[nz // SUB] * SUB + nz % SUB
+            self._runs.append((code.astype(self._code_dtype), self._table[nz].astype(np.int64)))
+        self._table = np.zeros(0, dtype=np.uint32)
+        if self._runs:  # a dense slot has no sparse entries: appending keeps every slot contiguous and sorted
+            self._codes = np.concatenate([self._codes, *(r[0] for r in self._runs)])
+            self._counts = np.concatenate([self._counts, *(r[1] for r in self._runs)])
+            self._runs = []
         bins_d, neg_d, pos_d, t0_d, f0_d = self._desc()
-        where = {int(b): i for i, b in enumerate(bins_d)}
+        index = np.full(NBINS, -1, dtype=np.int64)
+        index[bins_d] = np.arange(bins_d.size)
+        at = index[bins]  # position of each slot's bin in the descending arrays
         P = int(pos_d.sum())
-        for k, b in enumerate(bins):
-            i = where[int(b)]
-            sub = self._table[k * SUB : (k + 1) * SUB].reshape(NBINS, 2).astype(np.int64)
-            nz = np.flatnonzero(sub.sum(axis=1))[::-1]
-            neg, pos = sub[nz, 0], sub[nz, 1]
-            if int(neg.sum()) != int(neg_d[i]) or int(pos.sum()) != int(pos_d[i]):
-                raise RuntimeError(
-                    "the refinement pass saw other data than the coarse pass "
-                    f"(bin {int(b)}: {int(neg.sum())}/{int(pos.sum())} vs {int(neg_d[i])}/{int(pos_d[i])})"
-                )
-            cpos, cneg = np.cumsum(pos), np.cumsum(neg)
-            above = cpos - pos
+        code, cnt = self._codes, self._counts
+        # every slot's codes are contiguous and ascending (slots need not be in order): reversed,
+        # each slot runs from its highest value down, and every quantity below is per slot
+        code, cnt = code[::-1], cnt[::-1]
+        value = code >> self._code_dtype.type(1)
+        is_pos = (code & self._code_dtype.type(1)).astype(bool)
+        first = np.r_[True, value[1:] != value[:-1]]
+        grp = np.cumsum(first) - 1
+        nv = int(grp[-1]) + 1 if grp.size else 0
+        pos = np.bincount(grp[is_pos], weights=cnt[is_pos], minlength=nv).astype(np.int64)
+        neg = np.bincount(grp[~is_pos], weights=cnt[~is_pos], minlength=nv).astype(np.int64)
+        vslot = (value[first] // self._code_dtype.type(NBINS)).astype(np.int64)
+        seg_first = np.r_[True, vslot[1:] != vslot[:-1]]
+        seg = np.cumsum(seg_first) - 1
+        cp, cn = np.cumsum(pos), np.cumsum(neg)
+        cpos = cp - (cp - pos)[seg_first][seg]
+        cneg = cn - (cn - neg)[seg_first][seg]
+        # every slot saw exactly the pixels the coarse pass counted in its bin
+        tot_pos = np.bincount(vslot, weights=pos, minlength=bins.size).astype(np.int64)
+        tot_neg = np.bincount(vslot, weights=neg, minlength=bins.size).astype(np.int64)
+        bad = np.flatnonzero((tot_pos != pos_d[at]) | (tot_neg != neg_d[at]))
+        if bad.size:
+            k = int(bad[0])
+            raise RuntimeError(
+                "the refinement pass saw other data than the coarse pass (bin "
+                f"{int(bins[k])}: {int(tot_neg[k])}/{int(tot_pos[k])} vs {int(neg_d[at[k]])}/{int(pos_d[at[k]])})"
+            )
+        above = cpos - pos
+        if 2 * P * max(int(neg_d.sum()), 1) < 2**62:
             self._twice_within += 2 * int(np.dot(neg, above)) + int(np.dot(neg, pos))
-            tp = t0_d[i] + cpos
-            fp = f0_d[i] + cneg
-            has = pos > 0
-            self._ap_refined[int(b)] = float(np.dot(pos[has], tp[has] / (tp[has] + fp[has])))
-            if int(b) == self._cross_bin:
-                j = int(np.argmax(tp / P >= self.tpr_level))
-                self._fp_at_cross = int(fp[j])
+        else:  # beyond int64: exact Python integers
+            self._twice_within += sum(
+                2 * int(n) * int(a) + int(n) * int(p) for n, a, p in zip(neg, above, pos, strict=True)
+            )
+        tp = t0_d[at][vslot] + cpos
+        fp = f0_d[at][vslot] + cneg
+        has = pos > 0
+        ap = np.bincount(vslot[has], weights=pos[has] * (tp[has] / (tp[has] + fp[has])), minlength=bins.size)
+        for k, b in enumerate(bins):
+            self._ap_refined[int(b)] = float(ap[k])
+        if self._cross_bin is not None and self._cross_bin in set(bins.tolist()):
+            k = int(np.flatnonzero(bins == self._cross_bin)[0])
+            mine = vslot == k
+            j = int(np.argmax(tp[mine] / P >= self.tpr_level))
+            self._fp_at_cross = int(fp[mine][j])
         self._group = None
-        self._table = None
         self._slot = None
+        self._codes = np.zeros(0, dtype=np.uint32)
+        self._counts = np.zeros(0, dtype=np.int64)
         self._done += 1
 
     # ---- result ----------------------------------------------------------------------------------
