@@ -13,9 +13,12 @@ scores have 2^32; a histogram over all of them does not fit. Two kinds of pass d
    * a bin of 2+ anomalies only, below some normal pixel: AP depends on which of its anomalies
      tie (``pos_v * tp_v / (tp_v + fp_v)`` over distinct values).
 
-   A refined bin gets counts ``[65536, 2]`` over the key's low 16 bits, i.e. over every float32
-   value inside it. Bins are grouped so that one group's tables fit ``max_refine_mb``; each group
-   costs one more pass over the data. Pure-normal bins are never refined.
+   A refined bin gets counts over the key's low 16 bits and the label, i.e. over every float32
+   value inside it: sorted (value, label) runs merged across chunks (a sparse bin: at most one
+   entry per pixel, ``ENTRY_BYTES`` each), or a uint32 table of all 2 x 65,536 cells where the bin
+   holds more pixels than that costs (a dense bin). Bins are grouped so that one group's planned
+   memory fits ``max_refine_mb``; each group costs one more pass over the data. Pure-normal bins
+   are never refined.
 
 From the coarse counts (``T0_b``, ``F0_b`` = anomalies/normals in bins above bin ``b``) and the
 refined bins:
@@ -29,9 +32,10 @@ refined bins:
   (``roc_curve(drop_intermediate=False)``); found in the coarse bin where TPR crosses ``level``
   and, when that bin is refined, inside it.
 
-Memory: the coarse counts (1 MB), at most ``max_refine_mb`` of refined tables, and the
-temporaries of one chunk. It does not grow with the number of pixels; the number of passes
-grows with the number of mixed bins (1 + ceil(mixed bins x 0.5 MB / max_refine_mb)).
+Memory: the coarse counts (1 MB), about ``max_refine_mb`` for the refined counts (planned per bin
+from its coarse count, merge temporaries included), and the temporaries of one chunk. It does not
+grow with the number of pixels; the number of passes grows with the data's mixed bins (at most
+1 + ceil(refined bins x 0.5 MB / max_refine_mb)).
 
 Usage, for data that can be read again (a file, a generator)::
 
