@@ -188,7 +188,8 @@ def evaluate_segmentation(
             active = [m for m in refine if g < pooled32[m].plan()]
             for m in active:
                 pooled32[m].start_group(g)
-            for item in iter_scored(reader, methods, desc=f"refine {g + 1}/{passes}", **kw):
+            # only the methods refined in this pass are scored (HEAT's state depends on HEAT alone)
+            for item in iter_scored(reader, active, desc=f"refine {g + 1}/{passes}", **kw):
                 for m in active:
                     pooled32[m].refine(item.scores[m], item.is_anomaly)
             for m in active:
