@@ -64,7 +64,9 @@ def test_many_refinement_passes_give_the_same_result(max_refine_mb):
         assert got["passes"] == 2
 
 
-def test_dense_and_sparse_bins_together():
+@pytest.mark.parametrize("finish_entries", [1 << 20, 1000])
+def test_dense_and_sparse_bins_together(monkeypatch, finish_entries):
+    monkeypatch.setattr(E, "FINISH_ENTRIES", finish_entries)  # reduce bin by bin, or many at once
     # a narrow range puts tens of thousands of pixels in a few coarse bins (counted in tables),
     # the tails leave sparse bins; a tiny budget splits them over several passes
     rng = np.random.default_rng(12)

@@ -33,7 +33,8 @@ refined bins:
   and, when that bin is refined, inside it.
 
 Memory: the coarse counts (1 MB), about ``max_refine_mb`` for the refined counts (planned per bin
-from its coarse count, merge temporaries included), and the temporaries of one chunk. It does not
+from its coarse count, merge temporaries included), the temporaries of one chunk, and those of
+reducing ``FINISH_ENTRIES`` counts at a time after each pass (~200 MB). It does not
 grow with the number of pixels; the number of passes grows with the data's mixed bins (at most
 1 + ceil(refined bins x 0.5 MB / max_refine_mb)).
 
@@ -56,6 +57,7 @@ NBINS = 1 << 16
 SUB = 1 << 17  # (value, label) cells per refined bin: 65536 low keys x (normal, anomaly)
 ENTRY_BYTES = 48  # planned memory per stored (value, label) count, merge temporaries included
 DENSE_BYTES = 4  # per cell of a dense bin table (uint32)
+FINISH_ENTRIES = 1 << 20  # (value, label) entries reduced at once after a pass (~200 MB of temporaries)
 CHUNK = 1 << 20
 _NEG_ZERO = np.uint32(0x7FFFFFFF)
 _POS_ZERO = np.uint32(0x80000000)
@@ -252,27 +254,48 @@ class Float32Exact:
         self._codes = codes[starts]
 
     def finish_group(self) -> None:
+        """Reduce the group's counts bin by bin, in batches of at most ``FINISH_ENTRIES`` entries."""
         assert self._groups is not None and self._group is not None and self._slot is not None
         self._consolidate()
         bins = self._groups[self._group]
-        dense_slots = np.flatnonzero(self._dense_of_slot[:-1] >= 0)
-        if dense_slots.size:  # table cells -> (code, count) entries
-            nz = np.flatnonzero(self._table)
-            code = dense_slots[nz // SUB] * SUB + nz % SUB
-            self._runs.append((code.astype(self._code_dtype), self._table[nz].astype(np.int64)))
-        self._table = np.zeros(0, dtype=np.uint32)
-        if self._runs:  # a dense slot has no sparse entries: appending keeps every slot contiguous and sorted
-            self._codes = np.concatenate([self._codes, *(r[0] for r in self._runs)])
-            self._counts = np.concatenate([self._counts, *(r[1] for r in self._runs)])
-            self._runs = []
         bins_d, neg_d, pos_d, t0_d, f0_d = self._desc()
         index = np.full(NBINS, -1, dtype=np.int64)
         index[bins_d] = np.arange(bins_d.size)
         at = index[bins]  # position of each slot's bin in the descending arrays
-        P = int(pos_d.sum())
-        code, cnt = self._codes, self._counts
-        # every slot's codes are contiguous and ascending (slots need not be in order): reversed,
-        # each slot runs from its highest value down, and every quantity below is per slot
+        ctx = (bins, at, neg_d, pos_d, t0_d, f0_d, int(pos_d.sum()), int(neg_d.sum()))
+        dense = self._dense_of_slot[:-1]
+        sparse_slot = (self._codes // self._code_dtype.type(SUB)).astype(np.int64)
+        bound = np.where(dense >= 0, SUB, np.bincount(sparse_slot, minlength=bins.size))
+        k0 = 0
+        while k0 < bins.size:
+            k1, used = k0 + 1, int(bound[k0])
+            while k1 < bins.size and used + int(bound[k1]) <= FINISH_ENTRIES:
+                used += int(bound[k1])
+                k1 += 1
+            lo, hi = np.searchsorted(sparse_slot, [k0, k1])
+            codes, counts = [self._codes[lo:hi]], [self._counts[lo:hi]]
+            d = dense[k0:k1]
+            if (d >= 0).any():  # dense slots of the batch are consecutive in the table
+                d_lo, d_hi = int(d[d >= 0].min()), int(d[d >= 0].max()) + 1
+                cells = self._table[d_lo * SUB : d_hi * SUB]
+                nz = np.flatnonzero(cells)
+                slots = np.flatnonzero(dense >= 0)[d_lo:d_hi]
+                codes.append((slots[nz // SUB] * SUB + nz % SUB).astype(self._code_dtype))
+                counts.append(cells[nz].astype(np.int64))
+            # a slot is either dense or sparse: every slot stays contiguous and ascending
+            self._reduce(np.concatenate(codes), np.concatenate(counts), ctx, k0, k1)
+            k0 = k1
+        self._group = None
+        self._slot = None
+        self._table = np.zeros(0, dtype=np.uint32)
+        self._codes = np.zeros(0, dtype=np.uint32)
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._done += 1
+
+    def _reduce(self, code: np.ndarray, cnt: np.ndarray, ctx: tuple, k0: int, k1: int) -> None:
+        """AUROC pair term, AP per bin and the FPR95 crossing from (code, count) entries of whole slots."""
+        bins, at, neg_d, pos_d, t0_d, f0_d, P, N = ctx
+        # reversed, each slot runs from its highest value down; every quantity below is per slot
         code, cnt = code[::-1], cnt[::-1]
         value = code >> self._code_dtype.type(1)
         is_pos = (code & self._code_dtype.type(1)).astype(bool)
@@ -288,17 +311,24 @@ class Float32Exact:
         cpos = cp - (cp - pos)[seg_first][seg]
         cneg = cn - (cn - neg)[seg_first][seg]
         # every slot saw exactly the pixels the coarse pass counted in its bin
-        tot_pos = np.bincount(vslot, weights=pos, minlength=bins.size).astype(np.int64)
-        tot_neg = np.bincount(vslot, weights=neg, minlength=bins.size).astype(np.int64)
-        bad = np.flatnonzero((tot_pos != pos_d[at]) | (tot_neg != neg_d[at]))
+        present = np.unique(vslot)
+        if present.size != k1 - k0:
+            missing = sorted(set(range(k0, k1)) - set(present.tolist()))
+            raise RuntimeError(
+                f"the refinement pass saw other data than the coarse pass (bin {int(bins[missing[0]])}: no pixels)"
+            )
+        tot_pos = np.bincount(vslot, weights=pos, minlength=bins.size).astype(np.int64)[present]
+        tot_neg = np.bincount(vslot, weights=neg, minlength=bins.size).astype(np.int64)[present]
+        bad = np.flatnonzero((tot_pos != pos_d[at[present]]) | (tot_neg != neg_d[at[present]]))
         if bad.size:
-            k = int(bad[0])
+            k = int(present[bad[0]])
             raise RuntimeError(
                 "the refinement pass saw other data than the coarse pass (bin "
-                f"{int(bins[k])}: {int(tot_neg[k])}/{int(tot_pos[k])} vs {int(neg_d[at[k]])}/{int(pos_d[at[k]])})"
+                f"{int(bins[k])}: {int(tot_neg[bad[0]])}/{int(tot_pos[bad[0]])} vs "
+                f"{int(neg_d[at[k]])}/{int(pos_d[at[k]])})"
             )
         above = cpos - pos
-        if 2 * P * max(int(neg_d.sum()), 1) < 2**62:
+        if 2 * P * max(N, 1) < 2**62:
             self._twice_within += 2 * int(np.dot(neg, above)) + int(np.dot(neg, pos))
         else:  # beyond int64: exact Python integers
             self._twice_within += sum(
@@ -308,18 +338,14 @@ class Float32Exact:
         fp = f0_d[at][vslot] + cneg
         has = pos > 0
         ap = np.bincount(vslot[has], weights=pos[has] * (tp[has] / (tp[has] + fp[has])), minlength=bins.size)
-        for k, b in enumerate(bins):
-            self._ap_refined[int(b)] = float(ap[k])
-        if self._cross_bin is not None and self._cross_bin in set(bins.tolist()):
-            k = int(np.flatnonzero(bins == self._cross_bin)[0])
-            mine = vslot == k
-            j = int(np.argmax(tp[mine] / P >= self.tpr_level))
-            self._fp_at_cross = int(fp[mine][j])
-        self._group = None
-        self._slot = None
-        self._codes = np.zeros(0, dtype=np.uint32)
-        self._counts = np.zeros(0, dtype=np.int64)
-        self._done += 1
+        for k in present:
+            self._ap_refined[int(bins[k])] = float(ap[k])
+        if self._cross_bin is not None:
+            hit = np.flatnonzero(bins[present] == self._cross_bin)
+            if hit.size:
+                mine = vslot == int(present[hit[0]])
+                j = int(np.argmax(tp[mine] / P >= self.tpr_level))
+                self._fp_at_cross = int(fp[mine][j])
 
     # ---- result ----------------------------------------------------------------------------------
 
