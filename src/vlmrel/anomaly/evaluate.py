@@ -157,7 +157,7 @@ def evaluate_segmentation(
     heat: HeatConfig | None = None,
     tpr_level: float = 0.95,
     max_block_mb: float = 256.0,
-    max_refine_mb: float = 512.0,
+    max_refine_mb: float = 1024.0,
 ) -> Evaluation:
     """Pooled (OpenOOD) and per-image-mean (anomaly segmentation) metrics of every method, and mIoU.
 

@@ -105,7 +105,7 @@ def _flatten(
 class Float32Exact:
     """Exact metrics of float32 scores by a coarse pass and refinement passes (module docstring)."""
 
-    def __init__(self, tpr_level: float = 0.95, max_refine_mb: float = 512.0) -> None:
+    def __init__(self, tpr_level: float = 0.95, max_refine_mb: float = 1024.0) -> None:
         self.tpr_level = float(tpr_level)
         self.max_refine_mb = float(max_refine_mb)
         self.coarse = np.zeros(2 * NBINS, dtype=np.int64)
@@ -387,7 +387,7 @@ def exact_metrics_passes(
     make_chunks: Callable[[], Iterable[tuple]],
     *,
     tpr_level: float = 0.95,
-    max_refine_mb: float = 512.0,
+    max_refine_mb: float = 1024.0,
 ) -> dict:
     """Exact metrics over data that ``make_chunks()`` yields afresh for every pass.
 
@@ -413,7 +413,7 @@ def exact_metrics_float32(
     valid: np.ndarray | None = None,
     *,
     tpr_level: float = 0.95,
-    max_refine_mb: float = 512.0,
+    max_refine_mb: float = 1024.0,
     method: str = "auto",
 ) -> dict:
     """Exact metrics of in-memory float32 scores.

@@ -193,7 +193,7 @@ def evaluate(
     temperature: float,
     tpr_level: float,
     max_block_mb: float = 256.0,
-    max_refine_mb: float = 512.0,
+    max_refine_mb: float = 1024.0,
     heat: dict | None = None,
 ) -> None:
     result = ev.evaluate_segmentation(

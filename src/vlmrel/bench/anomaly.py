@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--n32", type=int, default=20_000_000, help="float32 pixels compared with scikit-learn (0 skips)"
     )
-    ap.add_argument("--max-refine-mb", type=float, default=512.0, help="float32 refinement tables per pass")
+    ap.add_argument("--max-refine-mb", type=float, default=1024.0, help="float32 refinement tables per pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
