@@ -398,3 +398,83 @@ def static_targets():
 
 def gated_targets(wildcards):
     return phase2_targets(wildcards) if "mcdo" in config["chains"] else []
+
+
+# ---- anomaly ----------------------------------------------------------------------------------------
+# Where the anomaly chain's inputs come from is decided once, here, from anomaly.source:
+#   logits                        - anomaly.logits: HDF5 logits + labels per split made elsewhere (no
+#                                   model here, so HEAT falls back to the energy score)
+#   demo | images | streethazards - images + labels per split (generated, anomaly.images, or imported
+#                                   from the published layout); logits from the model run here
+ANOMALY = config["anomaly"]
+ANOMALY_HAS_MODEL = ANOMALY["source"] != "logits"
+ANOMALY_LOGITS = ANOMALY["logits"] if not ANOMALY_HAS_MODEL else "results/{run}/anomaly/logits/{split}.h5"
+ANOMALY_DATA = {
+    "demo": "results/{run}/anomaly/data/{split}.h5",
+    "streethazards": "results/{run}/anomaly/streethazards/{split}.h5",
+    "images": ANOMALY["images"],
+    "logits": None,
+}[ANOMALY["source"]]
+
+
+def _anomaly_path(pattern, wildcards, split):
+    return pattern.replace("{run}", wildcards.run).replace("{split}", split)
+
+
+def anomaly_logits(split=None):
+    """Input function: the logits file of `split` (default: the rule's {split} wildcard)."""
+
+    def inner(wildcards):
+        return _anomaly_path(ANOMALY_LOGITS, wildcards, split or wildcards.split)
+
+    return inner
+
+
+def anomaly_data(wildcards):
+    """Images + labels of the rule's {split}, for the model run here."""
+    return _anomaly_path(ANOMALY_DATA, wildcards, wildcards.split)
+
+
+def anomaly_checkpoint(wildcards):
+    if ANOMALY["source"] == "demo":
+        return f"results/{wildcards.run}/anomaly/model/segnet.safetensors"
+    return ANOMALY["model"]["checkpoint"] or []
+
+
+def anomaly_subsampling_methods():
+    return ANOMALY["subsampling"]["methods"] or ANOMALY["methods"]
+
+
+def anomaly_sml(methods):
+    """Input function: the SML statistics when `methods` has sml."""
+
+    def inner(wildcards):
+        return f"results/{wildcards.run}/anomaly/sml_stats.json" if "sml" in methods else []
+
+    return inner
+
+
+def anomaly_heat_stats(wildcards):
+    """HEAT's feature statistics for the test logits when HEAT is scored and a model runs here."""
+    wanted = "heat" in ANOMALY["methods"] + anomaly_subsampling_methods()
+    if wildcards.split == "test" and wanted and ANOMALY_HAS_MODEL:
+        return f"results/{wildcards.run}/anomaly/heat/feature_stats.safetensors"
+    return []
+
+
+def anomaly_heat_stats_data(wildcards):
+    return _anomaly_path(ANOMALY_DATA, wildcards, ANOMALY["heat"]["stats_split"])
+
+
+def anomaly_classification_logits(split):
+    """Input function: per-image logits of `split` (val only when sml is scored)."""
+
+    def inner(wildcards):
+        cl = ANOMALY["classification"]
+        if split == "val" and "sml" not in ANOMALY["methods"]:
+            return []
+        if cl["source"] == "file":
+            return cl["logits"].replace("{split}", split)
+        return f"results/{wildcards.run}/anomaly/classification/image_logits_{split}.h5"
+
+    return inner
