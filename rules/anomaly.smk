@@ -25,7 +25,7 @@ rule anomaly_demo_data:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_demo_data.py"
 
@@ -53,7 +53,7 @@ rule anomaly_import_streethazards:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_import_streethazards.py"
 
@@ -83,7 +83,7 @@ rule anomaly_train:
     resources:
         mem_mb=2000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_train.py"
 
@@ -112,7 +112,7 @@ rule anomaly_heat_stats:
         mem_mb=ANOMALY["mem_mb"],
         gpu=1 if config["device"].startswith("cuda") else 0,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_heat_stats.py"
 
@@ -143,7 +143,7 @@ rule anomaly_logits:
         mem_mb=ANOMALY["mem_mb"],
         gpu=1 if config["device"].startswith("cuda") else 0,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_logits.py"
 
@@ -164,7 +164,7 @@ rule anomaly_sml_stats:
     resources:
         mem_mb=ANOMALY["mem_mb"],
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_sml_stats.py"
 
@@ -195,7 +195,7 @@ rule anomaly_evaluate:
     resources:
         mem_mb=ANOMALY["mem_mb"],
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_evaluate.py"
 
@@ -214,7 +214,7 @@ rule anomaly_threshold:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_threshold.py"
 
@@ -246,7 +246,7 @@ rule anomaly_subsampling:
     resources:
         mem_mb=ANOMALY["mem_mb"],
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_subsampling.py"
 
@@ -269,7 +269,7 @@ rule anomaly_comparison:
     resources:
         mem_mb=500,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_comparison.py"
 
@@ -294,7 +294,7 @@ rule anomaly_figure_roc_pr:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_figure.py"
 
@@ -318,7 +318,7 @@ rule anomaly_figure_threshold:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_figure.py"
 
@@ -342,7 +342,7 @@ rule anomaly_figure_subsampling:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_figure.py"
 
@@ -365,7 +365,7 @@ rule anomaly_image_logits:
     resources:
         mem_mb=ANOMALY["mem_mb"],
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_image_logits.py"
 
@@ -387,6 +387,6 @@ rule anomaly_classification:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_classification.py"

@@ -112,7 +112,7 @@ rule grounding_predict:
     resources:
         mem_mb=GROUNDING["mem_mb"],
     conda:
-        "../envs/vlm.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/grounding_predict.py"
 
@@ -159,7 +159,7 @@ rule grounding_drift:
     resources:
         mem_mb=GROUNDING["mem_mb"],
     conda:
-        "../envs/vlm.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/grounding_drift.py"
 
