@@ -39,20 +39,22 @@ def key_path(parts: Any) -> str:
 def describe(error: Any) -> str:
     """A few lines for one ``jsonschema.ValidationError`` (never the schema itself)."""
     path = key_path(error.absolute_path)
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        props = set((error.schema or {}).get("properties", {}) or {})
-        patterns = (error.schema or {}).get("patternProperties", {}) or {}
+    if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(
+        error.instance, dict
+    ):
         import re
 
-        extra = [
-            k for k in error.instance if k not in props and not any(re.search(p, str(k)) for p in patterns)
-        ] or list(error.instance)
-        allowed = ", ".join(sorted(props)) or "none"
+        named = re.findall(r"'([^']+)'", error.message.split("(", 1)[-1])
+        extra = [k for k in error.instance if str(k) in named] or [
+            k for k in error.instance if k not in ((error.schema or {}).get("properties") or {})
+        ]
         lines = [
             f"{key_path([*error.absolute_path, k])}: unknown key (value: {_value(error.instance[k])})"
             for k in extra
         ]
-        lines.append(f"  allowed keys in {path}: {allowed}")
+        props = sorted((error.schema or {}).get("properties") or {})
+        if props:
+            lines.append(f"  allowed keys in {path}: {', '.join(props)}")
         return "\n".join(lines)
     message = error.message
     if len(message) > 300:
