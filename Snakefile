@@ -10,6 +10,8 @@
 
 from snakemake.utils import min_version
 
+from vlmrel.vlm.config import redacted as redacted_vlm  # params carry no endpoint secret
+
 min_version("9.0")
 
 

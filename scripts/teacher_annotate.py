@@ -2,12 +2,13 @@
 
 from vlmrel.logs import setup_job_log
 from vlmrel.teacher.annotate import annotate
+from vlmrel.vlm.config import runtime_section
 
 log = setup_job_log(snakemake.log[0])
 annotate(
     snakemake.input.manifest,
     snakemake.params.root,
-    snakemake.params.vlm,
+    runtime_section(snakemake.params.vlm, snakemake.config.get("vlm")),  # params hold no secret
     snakemake.output.raw,
     stats_path=snakemake.output.stats,
 )
