@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from vlmrel import vlm
+from vlmrel.teacher.schema import ANNOTATION_SCHEMA, annotation_prompt
 from vlmrel.vlm.config import SimulatorConfig
 from vlmrel.vlm.simulator import Simulator
 
@@ -51,7 +52,7 @@ def _text_reqs(n: int, tag: str = "") -> list[vlm.Request]:
 def _json_reqs(n: int) -> list[vlm.Request]:
     # annotation requests without an image: the simulator answers with a schema-shaped object
     return [
-        vlm.Request(prompt=f"{vlm.annotation_prompt()} #{i}", schema=vlm.ANNOTATION_SCHEMA, meta={"i": i})
+        vlm.Request(prompt=f"{annotation_prompt()} #{i}", schema=ANNOTATION_SCHEMA, meta={"i": i})
         for i in range(n)
     ]
 
@@ -78,7 +79,7 @@ def test_both_backends_answer_and_validate(tmp_path: Path, backend: str) -> None
         # independent check: the parsed answer validates against the schema and equals the raw text
         import jsonschema
 
-        jsonschema.validate(r.parsed, vlm.ANNOTATION_SCHEMA)
+        jsonschema.validate(r.parsed, ANNOTATION_SCHEMA)
         assert r.parsed == json.loads(r.text)
     assert res[6].parsed is None and isinstance(res[6].text, str) and res[6].text
 
@@ -86,7 +87,7 @@ def test_both_backends_answer_and_validate(tmp_path: Path, backend: str) -> None
 def test_backends_agree(tmp_path: Path) -> None:
     """The same request through the ollama and openai clients reaches the same answer."""
     img = np.random.default_rng(3).integers(0, 255, size=(40, 60, 3), dtype=np.uint8)
-    reqs = [vlm.Request(vlm.annotation_prompt(), img, vlm.ANNOTATION_SCHEMA)]
+    reqs = [vlm.Request(annotation_prompt(), img, ANNOTATION_SCHEMA)]
     with _sim() as sim:
         a = vlm.run_requests(_cfg("ollama", sim), reqs, cache_path=tmp_path / "a.sqlite", progress=False)
         b = vlm.run_requests(_cfg("openai", sim), reqs, cache_path=tmp_path / "b.sqlite", progress=False)

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from vlmrel import vlm
+from vlmrel.grounding.request import GROUNDING_SCHEMA
 from vlmrel.vlm.config import VLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_cache_key_uses_encoded_bytes(tmp_path: Path) -> None:
     assert vlm.chat_key(cfg.replace(generation={"temperature": 0.7}), "p", e_png.sha256, None) != k
     assert vlm.chat_key(cfg.replace(model="other"), "p", e_png.sha256, None) != k
     assert vlm.chat_key(cfg.replace(endpoints=["http://elsewhere:1"]), "p", e_png.sha256, None) == k
-    assert vlm.chat_key(cfg, "p", e_png.sha256, vlm.GROUNDING_SCHEMA) != k
+    assert vlm.chat_key(cfg, "p", e_png.sha256, GROUNDING_SCHEMA) != k
     # the simulator's answer-shaping settings are part of the key; its latency and faults are not
     sim = cfg.replace(simulator={"enabled": True})
     ks = vlm.chat_key(sim, "p", e_png.sha256, None)

@@ -3,10 +3,11 @@
 Usage::
 
     from vlmrel import vlm
+    from vlmrel.teacher.schema import ANNOTATION_SCHEMA, annotation_prompt   # a chain's own request
 
     cfg = vlm.VLMConfig.from_dict(config["vlm"])          # validates keys, fills defaults
-    reqs = [vlm.Request(prompt=vlm.annotation_prompt(), image=path,
-                        schema=vlm.ANNOTATION_SCHEMA, meta={"image_id": iid}) for iid, path in items]
+    reqs = [vlm.Request(prompt=annotation_prompt(), image=path,
+                        schema=ANNOTATION_SCHEMA, meta={"image_id": iid}) for iid, path in items]
     results = vlm.run_requests(cfg, reqs, stats_path="results/x/vlm_stats.json")
     for r in results:           # same order as reqs
         if r.ok: use(r.parsed)  # validated JSON
@@ -103,23 +104,13 @@ from .config import (
     runtime_section,
 )
 from .payload import EncodedImage, ImageError, encode_image, fit_pixel_budget
-from .schemas import (
-    ANNOTATION_SCHEMA,
-    GROUNDING_SCHEMA,
-    SCENES,
-    annotation_prompt,
-    grounding_prompt,
-    parse_answer,
-)
+from .schemas import parse_answer
 
 __all__ = [
-    "ANNOTATION_SCHEMA",
     "FAILURE_KINDS",
     "PERMANENT_KINDS",
-    "GROUNDING_SCHEMA",
     "RETRYABLE_KINDS",
     "TRANSIENT_KINDS",
-    "SCENES",
     "ConfigError",
     "EmbeddingConfig",
     "EncodedImage",
@@ -134,14 +125,12 @@ __all__ = [
     "VLMConfig",
     "VLMOutage",
     "aembed",
-    "annotation_prompt",
     "arun_requests",
     "chat_key",
     "embed",
     "embed_key",
     "encode_image",
     "fit_pixel_budget",
-    "grounding_prompt",
     "parse_answer",
     "redacted",
     "run_requests",
