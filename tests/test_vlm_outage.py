@@ -163,6 +163,8 @@ def _teacher_cfg(endpoint: str, **vlm_changes) -> dict:
         retries=0,
         connect_timeout_s=1,
         timeout_s=10,
+        backoff_s=0.01,
+        backoff_max_s=0.05,  # a dead endpoint's slots cool down for at most this long
         concurrency=2,
         **vlm_changes,
     )
