@@ -1,12 +1,16 @@
 # vlmrel: how far the answers of vision and vision-language models can be trusted.
 #
 #   snakemake -c2 --configfile config/demo.yaml            # everything the config's chains ask for
-#   snakemake -c2 --configfile config/demo.yaml mcdo       # one chain (targets below)
+#   snakemake -c2 mcdo --configfile config/demo.yaml       # one chain (targets below); targets go
+#                                                          # before --configfile, which takes every
+#                                                          # word after it as a config file
 #   snakemake -n / --rulegraph / --dag / --report report.html
 #
 # Rules are wiring; the logic lives in src/vlmrel (see docs/architecture.md).
 
 from snakemake.utils import min_version
+
+from vlmrel.vlm.config import redacted as redacted_vlm  # params carry no endpoint secret
 
 min_version("9.0")
 

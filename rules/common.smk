@@ -5,6 +5,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from vlmrel.configcheck import ConfigInvalid, short_error
 from vlmrel.grounding.pipeline import resolve_coords
 from vlmrel.images import list_images
 from vlmrel.io import read_json
@@ -19,7 +20,13 @@ for _chain in ("anomaly", "teacher", "grounding"):
     if _chain in config.get("chains", []) and _chain not in config:
         raise ValueError(f"config: chains lists {_chain!r} but the config has no '{_chain}:' section")
 
-validate(config, schema="../config/schema.yaml", set_default=True)
+try:
+    validate(config, schema="../config/schema.yaml", set_default=True)
+except Exception as _exc:  # a few lines naming the key, not the whole schema
+    _short = short_error(_exc)
+    if _short is None:
+        raise
+    raise ConfigInvalid(f"invalid config (checked against config/schema.yaml):\n{_short}") from None
 
 RUN = config["run"]
 RESULTS = f"results/{RUN}"

@@ -97,7 +97,7 @@ rule grounding_predict:
         stats="results/{run}/grounding/{subset}/vlm_stats.json",
     params:
         data=GDATA,
-        vlm=config.get("vlm", {}),
+        vlm=redacted_vlm(config.get("vlm")),
         prompt=lambda wildcards: GROUNDING["prompt"],  # a function: the template holds {expression}
         schema=GROUNDING["schema"],
         coords=grounding_coords(),
@@ -147,7 +147,7 @@ rule grounding_drift:
     params:
         embedder=GROUNDING["drift"]["embedder"],
         text=GROUNDING["drift"]["text"],
-        vlm=config.get("vlm", {}) if GROUNDING["drift"]["embedder"]["kind"] != "minilm" else {},
+        vlm=redacted_vlm(config.get("vlm")) if GROUNDING["drift"]["embedder"]["kind"] != "minilm" else {},
         region=GROUNDING["drift"]["region"],
         data=GDATA,
         seed=GROUNDING["seed"],

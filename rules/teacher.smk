@@ -12,7 +12,7 @@ rule teacher_annotate:
         stats="results/{run}/teacher/vlm_stats.json",
     params:
         root=image_root,
-        vlm=config.get("vlm", {}),
+        vlm=redacted_vlm(config.get("vlm")),
     log:
         "results/{run}/logs/teacher/annotate.log",
     benchmark:

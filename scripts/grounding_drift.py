@@ -4,6 +4,7 @@
 from vlmrel.grounding.pipeline import compute_drift, load_samples, read_grid
 from vlmrel.io import read_json
 from vlmrel.logs import setup_job_log
+from vlmrel.vlm.config import runtime_section
 
 log = setup_job_log(snakemake.log[0])
 p = snakemake.params
@@ -20,7 +21,7 @@ compute_drift(
     snakemake.output.summary,
     embedder_cfg=p.embedder,
     text=p.text,
-    vlm_cfg=p.vlm,
+    vlm_cfg=runtime_section(p.vlm, snakemake.config.get("vlm")),  # params hold no secret
     region=p.region,
     dataset=dataset,
     seed=p.seed,

@@ -5,6 +5,7 @@ import os
 from vlmrel.grounding.pipeline import load_samples, predict, read_grid
 from vlmrel.io import read_json
 from vlmrel.logs import setup_job_log
+from vlmrel.vlm.config import runtime_section
 
 log = setup_job_log(snakemake.log[0])
 p = snakemake.params
@@ -14,7 +15,7 @@ predict(
     dataset=load_samples(p.data, demo, indices=[r["index"] for r in subset["sample_records"]]),
     subset=subset,
     grid=read_grid(snakemake.input.grid),
-    vlm_cfg=p.vlm,
+    vlm_cfg=runtime_section(p.vlm, snakemake.config.get("vlm")),  # params hold no secret
     prompt=p.prompt,
     coords=p.coords,
     use_schema=p.schema,

@@ -1,13 +1,14 @@
 """Annotate every accepted image with the VLM (cached, concurrent, failures recorded): raw.jsonl."""
 
 from vlmrel.logs import setup_job_log
-from vlmrel.teacher.annotate import annotate
+from vlmrel.teacher import pipeline
 
 log = setup_job_log(snakemake.log[0])
-annotate(
+pipeline.annotate(
     snakemake.input.manifest,
     snakemake.params.root,
-    snakemake.params.vlm,
+    snakemake.params.vlm,  # redacted: no endpoint secret in .snakemake/metadata
+    snakemake.config.get("vlm"),  # the full section, read at run time
     snakemake.output.raw,
-    stats_path=snakemake.output.stats,
+    snakemake.output.stats,
 )

@@ -1,18 +1,18 @@
 """The seeded human-review sample and its Label Studio tasks (pre-annotated) and labelling config."""
 
 from vlmrel.logs import setup_job_log
-from vlmrel.teacher.labelstudio import export_tasks
-from vlmrel.teacher.truth import TruthMapping, write_human_sample
+from vlmrel.teacher import pipeline
 
 log = setup_job_log(snakemake.log[0])
 p = snakemake.params
-write_human_sample(snakemake.input.truth, snakemake.output.sample, p.size, p.seed)
-n = export_tasks(
-    snakemake.output.sample,
+pipeline.human_sample(
+    snakemake.input.truth,
     snakemake.input.manifest,
+    snakemake.output.sample,
     snakemake.output.tasks,
     snakemake.output.label_config,
-    TruthMapping.from_dict(p.mapping),
-    p.image_url_prefix,
+    size=p.size,
+    seed=p.seed,
+    image_url_prefix=p.image_url_prefix,
+    mapping=p.mapping,
 )
-log.info("Label Studio: %d tasks", n)

@@ -119,7 +119,7 @@ def test_validation_subset_is_drawn_disjoint_from_the_threshold_subset(demo, tmp
 def test_injected_failures_are_recorded_and_left_out_of_iou_statistics(demo, tmp_path):
     root, subset, grid = demo
     faults = {"malformed_json": 0.2, "schema_violation": 0.15, "http_503": 0.25}
-    cfg = _vlm(tmp_path / "c.sqlite", faults) | {"retries": 0}
+    cfg = _vlm(tmp_path / "c.sqlite", faults) | {"retries": 0, "max_failure_share": 1.0}  # 60% faults on purpose
     df = _predict(root, subset, grid, cfg, tmp_path / "predictions.parquet")
     assert len(df) == 6 * (1 + len(grid))
     failed = df[df["status"] == "failed"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmrel import vlm
 from vlmrel.images import build_manifest, list_images, materialize_demo
 from vlmrel.teacher.annotate import annotate
 from vlmrel.teacher.truth import build_ground_truth, read_jsonl
@@ -37,6 +38,7 @@ def test_faults_are_recorded_failures_never_labels(tmp_path, demo):
         "retries": 0,
         "cache_path": str(tmp_path / "cache.sqlite"),
         "simulator": {"enabled": True, "latency_s": 0.0, "faults": faults, "seed": 3},
+        "max_failure_share": 1.0,  # the faults are the point here (outages: test_vlm_outage.py)
     }
     summary = annotate(
         manifest, root, vlm_cfg, tmp_path / "raw.jsonl", tmp_path / "stats.json", progress=False
@@ -89,8 +91,11 @@ def test_api_key_is_sent_but_never_written(tmp_path, demo, monkeypatch, caplog):
             # a wrong key: the server echoes the header it got; the error must still not hold the key
             monkeypatch.setenv("TEACHER_TEST_KEY", SECRET + "-wrong")
             cfg["cache_salt"] = "wrong-key"
+            with pytest.raises(vlm.VLMOutage, match="http_auth"):  # every request refused: the job fails
+                annotate(manifest, root, cfg, out / "raw_bad.jsonl", out / "stats_bad.json", progress=False)
+            cfg["max_failure_share"] = 1.0
             bad = annotate(manifest, root, cfg, out / "raw_bad.jsonl", out / "stats_bad.json", progress=False)
-            assert bad["failures_by_kind"] == {"http_4xx": bad["n_images"]}
+            assert bad["failures_by_kind"] == {"http_auth": bad["n_images"]}
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from vlmrel import vlm
+from vlmrel.teacher.schema import ANNOTATION_SCHEMA, annotation_prompt
 from vlmrel.vlm.config import SimulatorConfig
 from vlmrel.vlm.simulator import Simulator
 
@@ -38,6 +39,7 @@ def _cfg(backend: str, sims: list[Simulator] | Simulator, **kw) -> vlm.VLMConfig
         "backoff_s": 0.01,
         "backoff_max_s": 0.05,
         "concurrency": 2,
+        "max_failure_share": 1.0,  # these tests look at failures one by one; outages: test_vlm_outage.py
     }
     base.update(kw)
     return vlm.VLMConfig.from_dict(base)
@@ -50,7 +52,7 @@ def _text_reqs(n: int, tag: str = "") -> list[vlm.Request]:
 def _json_reqs(n: int) -> list[vlm.Request]:
     # annotation requests without an image: the simulator answers with a schema-shaped object
     return [
-        vlm.Request(prompt=f"{vlm.annotation_prompt()} #{i}", schema=vlm.ANNOTATION_SCHEMA, meta={"i": i})
+        vlm.Request(prompt=f"{annotation_prompt()} #{i}", schema=ANNOTATION_SCHEMA, meta={"i": i})
         for i in range(n)
     ]
 
@@ -77,7 +79,7 @@ def test_both_backends_answer_and_validate(tmp_path: Path, backend: str) -> None
         # independent check: the parsed answer validates against the schema and equals the raw text
         import jsonschema
 
-        jsonschema.validate(r.parsed, vlm.ANNOTATION_SCHEMA)
+        jsonschema.validate(r.parsed, ANNOTATION_SCHEMA)
         assert r.parsed == json.loads(r.text)
     assert res[6].parsed is None and isinstance(res[6].text, str) and res[6].text
 
@@ -85,7 +87,7 @@ def test_both_backends_answer_and_validate(tmp_path: Path, backend: str) -> None
 def test_backends_agree(tmp_path: Path) -> None:
     """The same request through the ollama and openai clients reaches the same answer."""
     img = np.random.default_rng(3).integers(0, 255, size=(40, 60, 3), dtype=np.uint8)
-    reqs = [vlm.Request(vlm.annotation_prompt(), img, vlm.ANNOTATION_SCHEMA)]
+    reqs = [vlm.Request(annotation_prompt(), img, ANNOTATION_SCHEMA)]
     with _sim() as sim:
         a = vlm.run_requests(_cfg("ollama", sim), reqs, cache_path=tmp_path / "a.sqlite", progress=False)
         b = vlm.run_requests(_cfg("openai", sim), reqs, cache_path=tmp_path / "b.sqlite", progress=False)
@@ -210,7 +212,7 @@ def test_connection_failover_to_live_endpoint(tmp_path: Path) -> None:
 
 def test_all_endpoints_dead_is_a_connection_failure(tmp_path: Path) -> None:
     cfg = vlm.VLMConfig.from_dict(
-        {"endpoints": [_dead_url()], "retries": 1, "backoff_s": 0.01, "timeout_s": 2}
+        {"endpoints": [_dead_url()], "retries": 1, "backoff_s": 0.01, "timeout_s": 2, "max_failure_share": 1}
     )
     res = vlm.run_requests(cfg, _text_reqs(2), cache_path=tmp_path / "c.sqlite", progress=False)
     assert all(r.failure_kind == "connection" and r.attempts == 2 for r in res)
@@ -337,7 +339,7 @@ def test_api_key_is_sent_but_never_stored_or_logged(tmp_path: Path, monkeypatch,
                 stats_path=tmp_path / f"w_{backend}.json",
                 progress=True,
             )
-            assert all(r.failure_kind == "http_4xx" for r in wrong)
+            assert all(r.failure_kind == "http_auth" for r in wrong)  # 401: re-sent on a re-run
             assert all(bad not in (r.error or "") for r in wrong)
             assert any("***" in (r.error or "") for r in wrong)  # the echoed key was redacted
             for r in ok + wrong:

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from vlmrel import vlm
+from vlmrel.grounding.request import GROUNDING_SCHEMA
 from vlmrel.vlm.config import VLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_cache_key_uses_encoded_bytes(tmp_path: Path) -> None:
     assert vlm.chat_key(cfg.replace(generation={"temperature": 0.7}), "p", e_png.sha256, None) != k
     assert vlm.chat_key(cfg.replace(model="other"), "p", e_png.sha256, None) != k
     assert vlm.chat_key(cfg.replace(endpoints=["http://elsewhere:1"]), "p", e_png.sha256, None) == k
-    assert vlm.chat_key(cfg, "p", e_png.sha256, vlm.GROUNDING_SCHEMA) != k
+    assert vlm.chat_key(cfg, "p", e_png.sha256, GROUNDING_SCHEMA) != k
     # the simulator's answer-shaping settings are part of the key; its latency and faults are not
     sim = cfg.replace(simulator={"enabled": True})
     ks = vlm.chat_key(sim, "p", e_png.sha256, None)
@@ -212,3 +213,30 @@ def test_importing_vlm_pulls_no_heavy_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gradient"])
+def test_16bit_payload_equals_pixel_file_conversion(tmp_path, kind):
+    """One conversion serves the VLM payload and the pixel files (issue 19): a uniform 16-bit
+    image at 40000 reaches the VLM as 156 (40000 / 257), as in the pixel file, not black."""
+    from vlmrel.images import load_rgb
+    from vlmrel.models import preprocess_spec
+    from vlmrel.pixels import preprocess
+
+    if kind == "uniform":
+        arr16 = np.full((48, 64), 40000, dtype=np.uint16)
+    else:
+        arr16 = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21 + 300).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(arr16).save(path)
+    assert Image.open(path).mode.startswith("I")
+    enc = vlm.encode_image(path, vlm.ImageConfig(format="png"))
+    sent = np.asarray(Image.open(io.BytesIO(enc.data)).convert("RGB"))
+    pixel_file_rgb = np.asarray(load_rgb(path))  # what the pixels job decodes
+    assert np.array_equal(sent, pixel_file_rgb)
+    if kind == "uniform":
+        assert (sent == 156).all()
+    spec = preprocess_spec("tiny_clip")
+    assert np.array_equal(
+        preprocess(Image.open(io.BytesIO(enc.data)), spec), preprocess(Image.open(path), spec)
+    )

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from vlmrel import vlm
+from vlmrel.grounding.request import GROUNDING_SCHEMA, grounding_prompt
+from vlmrel.teacher.schema import ANNOTATION_SCHEMA, annotation_prompt
 from vlmrel.vlm.config import SimulatorConfig
 from vlmrel.vlm.simulator import Simulator, write_metadata
 
@@ -63,11 +65,11 @@ def test_demo_photos_get_their_registered_annotation() -> None:
         ]:
             raw = (SKIMAGE_DATA / name).read_bytes()
             enc = vlm.encode_image(raw, vlm.ImageConfig(max_pixels=100_000))  # what a client sends
-            ans = sim.answer_chat(vlm.annotation_prompt(), enc.data, vlm.ANNOTATION_SCHEMA)
-            jsonschema.validate(ans, vlm.ANNOTATION_SCHEMA)
+            ans = sim.answer_chat(annotation_prompt(), enc.data, ANNOTATION_SCHEMA)
+            jsonschema.validate(ans, ANNOTATION_SCHEMA)
             assert ans["scene"] == scene and ans[flag] is True
             # deterministic
-            assert ans == sim.answer_chat(vlm.annotation_prompt(), enc.data, vlm.ANNOTATION_SCHEMA)
+            assert ans == sim.answer_chat(annotation_prompt(), enc.data, ANNOTATION_SCHEMA)
     finally:
         sim.stop()
 
@@ -77,16 +79,16 @@ def test_unknown_images_get_plausible_deterministic_answers() -> None:
     try:
         white = Image.new("RGB", (300, 400), (250, 250, 250))
         ImageDraw.Draw(white).text((20, 20), "Invoice 42\nTotal: 17 EUR", fill=(0, 0, 0))
-        ans = sim.answer_chat(vlm.annotation_prompt(), _png(white), vlm.ANNOTATION_SCHEMA)
-        jsonschema.validate(ans, vlm.ANNOTATION_SCHEMA)
+        ans = sim.answer_chat(annotation_prompt(), _png(white), ANNOTATION_SCHEMA)
+        jsonschema.validate(ans, ANNOTATION_SCHEMA)
         assert ans["scene"] == "document" and ans["is_document"] is True
         noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-        a = sim.answer_chat(vlm.annotation_prompt(), _png(noise), vlm.ANNOTATION_SCHEMA)
-        jsonschema.validate(a, vlm.ANNOTATION_SCHEMA)
-        assert a == sim.answer_chat(vlm.annotation_prompt(), _png(noise), vlm.ANNOTATION_SCHEMA)
+        a = sim.answer_chat(annotation_prompt(), _png(noise), ANNOTATION_SCHEMA)
+        jsonschema.validate(a, ANNOTATION_SCHEMA)
+        assert a == sim.answer_chat(annotation_prompt(), _png(noise), ANNOTATION_SCHEMA)
         # grounding on an unknown image: the most salient region (the red disc)
         im, box = _scene(5)
-        g = sim.answer_chat(vlm.grounding_prompt("the red disc"), _png(im), vlm.GROUNDING_SCHEMA)
+        g = sim.answer_chat(grounding_prompt("the red disc"), _png(im), GROUNDING_SCHEMA)
         assert _iou(g["bbox_2d"], box) > 0.3
     finally:
         sim.stop()
@@ -105,7 +107,7 @@ def test_grounding_degrades_with_perturbation() -> None:
                 im = ImageEnhance.Brightness(original).enhance(factor)
                 im = ImageEnhance.Contrast(im).enhance(1.0 + 0.01 * k)  # distinct images per expression
                 ans = sim.answer_chat(
-                    vlm.grounding_prompt(expr), vlm.encode_image(im).data, vlm.GROUNDING_SCHEMA
+                    grounding_prompt(expr), vlm.encode_image(im).data, GROUNDING_SCHEMA
                 )
                 ious[factor].append(_iou(ans["bbox_2d"], truth))
         mild = np.mean(ious[1.0] + ious[0.9] + ious[1.1])
@@ -130,7 +132,7 @@ def test_registered_scenes_over_http_both_coord_conventions(tmp_path: Path) -> N
     write_metadata(meta, images)
     reqs = [
         vlm.Request(
-            vlm.grounding_prompt("red disc"), tmp_path / f"scene_{i}.png", vlm.GROUNDING_SCHEMA, meta={"i": i}
+            grounding_prompt("red disc"), tmp_path / f"scene_{i}.png", GROUNDING_SCHEMA, meta={"i": i}
         )
         for i in range(4)
     ]

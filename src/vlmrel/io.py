@@ -2,22 +2,94 @@
 
 A write goes to a temporary file in the destination's directory and is renamed into
 place only when complete, so a killed job never leaves a half-written result that a
-later run would mistake for a finished one.
+later run would mistake for a finished one; the next write of the same output removes
+the temporary file a killed job left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+#: a temporary file of another host (a cluster node) counts as stale after this many seconds
+#: without a change; on this host its writer's process id decides
+STALE_AFTER_S = 24 * 3600
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _tmp_pattern(final: Path, suffix: str) -> re.Pattern[str]:
+    """Temporary names of ``final``: ``.{name}.{host}-{pid}.XXXXXXXX{suffix}`` (and the older
+    ``.{name}.XXXXXXXX{suffix}`` without host and pid)."""
+    return re.compile(
+        rf"^\.{re.escape(final.name)}\.(?:(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)\.)?[a-z0-9_]{{8}}"
+        + re.escape(suffix)
+        + "$"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str], suffix: str | None = None) -> list[Path]:
+    """Remove temporary files that a killed writer of ``path`` left behind; return them.
+
+    A write that is killed (``kill -9``, out of memory, a cluster's time limit) cannot clean
+    up, so the next write of the same output does: a temporary file of this host whose
+    process is gone, of another host unchanged for ``STALE_AFTER_S``, or of the older naming
+    without a process id, is removed. A live writer's file is never touched.
+    """
+    final = Path(path)
+    suffix = suffix if suffix is not None else final.suffix
+    pattern = _tmp_pattern(final, suffix)
+    removed = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        stale = False
+        if m.group("pid") is None:
+            stale = True
+        elif m.group("host") == _HOST:
+            stale = int(m.group("pid")) != os.getpid() and not _pid_alive(int(m.group("pid")))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                stale = now - entry.stat().st_mtime > STALE_AFTER_S
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    if removed:
+        log.warning(
+            "removed %d stale temporary file(s) of %s: %s", len(removed), final, [p.name for p in removed]
+        )
+    return removed
 
 
 @contextlib.contextmanager
@@ -26,12 +98,16 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
 
     The temporary file keeps ``path``'s suffix (or ``suffix``) so libraries that pick a
     format from the extension (h5py, numpy, matplotlib) behave as for the final name.
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. Its name,
+    ``.{name}.{host}-{pid}.XXXXXXXX{suffix}``, says who writes it, so the next write of
+    ``path`` removes what a killed writer left (:func:`remove_stale_temporaries`).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = suffix if suffix is not None else final.suffix
+    remove_stale_temporaries(final, suffix)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=suffix if suffix is not None else final.suffix, dir=final.parent
+        prefix=f".{final.name}.{_HOST}-{os.getpid()}.", suffix=suffix, dir=final.parent
     )
     os.close(fd)
     tmp = Path(tmp_name)

@@ -641,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list registered models and whether their weights are cached")
     fetch_p = sub.add_parser("fetch", help="download a model's weights into the Hugging Face cache")
     fetch_p.add_argument("names", nargs="+", metavar="name", choices=sorted(REGISTRY))
+    fetch_p.add_argument(
+        "--dry-run", action="store_true", help="print what would be downloaded and where; download nothing"
+    )
     args = parser.parse_args(argv)
     if args.cmd == "list":
         print(f"# Hugging Face cache: {hub_cache_dir()}")
@@ -650,6 +653,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     status = 0
     for name in args.names:
+        if args.dry_run:
+            spec = get_spec(name)
+            if not spec.needs_weights:
+                print(f"{name}: seeded random weights; nothing to fetch")
+            else:
+                files = ", ".join(spec.weights_files) if spec.backend == "open_clip" else "*.json, *.safetensors"
+                state = "cached" if is_cached(name) else "missing"
+                print(f"{name}: would fetch {spec.weights_repo} ({files}) into {hub_cache_dir()} [{state}]")
+            continue
         try:
             print(f"{name}: {fetch(name)}")
         except (ModelNotAvailable, ValueError) as exc:

@@ -50,7 +50,7 @@ def seed_loop(base_url: str, model: str, images: list[np.ndarray], timeout: floa
     """Seed 004's sequential loop: one blocking chat completion per image."""
     from openai import OpenAI
 
-    from vlmrel.vlm import annotation_prompt
+    from vlmrel.teacher.schema import annotation_prompt
 
     client = OpenAI(base_url=base_url, api_key="dummy", timeout=timeout, max_retries=0)
     ok = failed = 0
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from vlmrel import vlm
+    from vlmrel.teacher.schema import ANNOTATION_SCHEMA, annotation_prompt
     from vlmrel.vlm.config import SimulatorConfig
     from vlmrel.vlm.simulator import Simulator
 
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         reqs = [
-            vlm.Request(prompt=vlm.annotation_prompt(), image=arr, schema=vlm.ANNOTATION_SCHEMA)
-            for arr in images
+            vlm.Request(prompt=annotation_prompt(), image=arr, schema=ANNOTATION_SCHEMA) for arr in images
         ]
         sim.reset_stats()
         t0 = time.perf_counter()

@@ -56,6 +56,7 @@ from vlmrel.grounding.data import (
 )
 from vlmrel.grounding.parse import COORDS, SmartResize, build_prompt, parse_bbox
 from vlmrel.grounding.perturb import ORIGINAL_ID, Perturbation, apply_perturbation, build_grid, grid_table
+from vlmrel.grounding.request import GROUNDING_SCHEMA
 from vlmrel.grounding.thresholds import BASELINE_THRESHOLDS
 from vlmrel.io import atomic_path, read_json, write_json
 
@@ -300,7 +301,7 @@ def predict(
     missing = [r["index"] for r in records if r["index"] not in by_index]
     if missing:
         raise ValueError(f"subset {subset['name']}: dataset rows {missing[:10]} not found")
-    schema = vlm.GROUNDING_SCHEMA if use_schema else None
+    schema = GROUNDING_SCHEMA if use_schema else None
     columns = [ORIGINAL_ID, *grid]
     rows: list[dict] = []
     stats: dict = {"chunks": 0}

@@ -4,6 +4,10 @@ embeddings are evaluated against the human truth (or, without one, the auto trut
 
 Modules:
 
+- :mod:`~vlmrel.teacher.pipeline`: one function per workflow step; ``scripts/teacher_*.py``
+  only unpack ``snakemake`` and call them.
+- :mod:`~vlmrel.teacher.schema`: what the chain asks the VLM (seed 004's scenes, annotation
+  schema and JSON-only prompt); the VLM layer only carries it.
 - :mod:`~vlmrel.teacher.annotate`: manifest -> VLM requests (the seed's JSON-only prompt
   and schema, through :func:`vlmrel.vlm.run_requests`) -> ``raw.jsonl``, one line per
   image with the annotation or the recorded failure (never a guess).
@@ -18,5 +22,6 @@ Modules:
   precision/recall/F1, object top-1/top-3 hit rates.
 - :mod:`~vlmrel.teacher.figures`: the confusion matrix and per-attribute bars.
 
-The library knows nothing of Snakemake; ``scripts/teacher_*.py`` wire it.
+The library knows nothing of Snakemake; ``scripts/teacher_*.py`` wire it through
+:mod:`~vlmrel.teacher.pipeline`.
 """

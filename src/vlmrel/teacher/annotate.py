@@ -1,7 +1,7 @@
 """Annotate every accepted image of the manifest with the VLM: ``raw.jsonl``.
 
-One request per image: seed 004's JSON-only prompt (:func:`vlmrel.vlm.annotation_prompt`)
-and schema (:data:`vlmrel.vlm.ANNOTATION_SCHEMA`), through :func:`vlmrel.vlm.run_requests`,
+One request per image: seed 004's JSON-only prompt (:func:`vlmrel.teacher.schema.annotation_prompt`)
+and schema (:data:`vlmrel.teacher.schema.ANNOTATION_SCHEMA`), through :func:`vlmrel.vlm.run_requests`,
 so requests run concurrently with retries, every finished answer is committed to the
 persistent response cache at once (a killed job loses only requests in flight, a re-run
 sends only what is missing) and the API key never leaves the environment.
@@ -26,6 +26,7 @@ from typing import Any
 from vlmrel import vlm
 from vlmrel.images import read_manifest
 
+from .schema import ANNOTATION_SCHEMA, annotation_prompt
 from .truth import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,12 @@ def build_requests(manifest: str | os.PathLike[str], root: str | os.PathLike[str
     """One annotation request per accepted image, in manifest order."""
     df = read_manifest(manifest)
     root = Path(root)
-    prompt = vlm.annotation_prompt()
+    prompt = annotation_prompt()
     return [
         vlm.Request(
             prompt=prompt,
             image=root / row.rel_path,
-            schema=vlm.ANNOTATION_SCHEMA,
+            schema=ANNOTATION_SCHEMA,
             meta={"image_id": row.image_id, "rel_path": row.rel_path},
         )
         for row in df.itertuples()

@@ -3,10 +3,11 @@
 Usage::
 
     from vlmrel import vlm
+    from vlmrel.teacher.schema import ANNOTATION_SCHEMA, annotation_prompt   # a chain's own request
 
     cfg = vlm.VLMConfig.from_dict(config["vlm"])          # validates keys, fills defaults
-    reqs = [vlm.Request(prompt=vlm.annotation_prompt(), image=path,
-                        schema=vlm.ANNOTATION_SCHEMA, meta={"image_id": iid}) for iid, path in items]
+    reqs = [vlm.Request(prompt=annotation_prompt(), image=path,
+                        schema=ANNOTATION_SCHEMA, meta={"image_id": iid}) for iid, path in items]
     results = vlm.run_requests(cfg, reqs, stats_path="results/x/vlm_stats.json")
     for r in results:           # same order as reqs
         if r.ok: use(r.parsed)  # validated JSON
@@ -37,9 +38,18 @@ Guarantees of :func:`run_requests`:
   SQLite (WAL) cache at ``vlm.cache_path`` (keep it outside Snakemake's outputs), keyed by
   a hash of backend, model, system and user prompt, the *encoded* image bytes, schema,
   structured-output mode, generation parameters and ``cache_salt``. ``kill -9`` loses
-  only requests in flight; a re-run sends only what is missing, plus cached failures
-  whose kind is listed in ``vlm.retry_failed`` (``all`` for every kind). Identical
-  requests within a batch are sent once.
+  only requests in flight; a re-run sends only what is missing, plus cached failures of
+  a *transient* kind (:data:`TRANSIENT_KINDS`: timeout, connection, truncated,
+  malformed_response, http_429, http_5xx, http_404, http_408, http_auth, error), plus
+  cached *permanent* failures (:data:`PERMANENT_KINDS`: malformed_json,
+  schema_violation, length, http_4xx) whose kind is listed in ``vlm.retry_failed``
+  (``all`` for every kind). Identical requests within a batch are sent once.
+- **Outages fail loudly.** When more than ``vlm.max_failure_share`` (default 0.5) of a
+  batch failed (image errors aside), :class:`VLMOutage` is raised after the cache and the
+  stats are written, naming the endpoints (without credentials), the failure kinds and
+  counts, so the job exits non-zero instead of passing on a run with no answers. The
+  first connection error and the first 404 of each endpoint are logged at WARNING with
+  the endpoint and the model.
 - **Images** are downscaled to ``vlm.image.max_pixels`` and encoded once
   (``vlm.image.format``, JPEG by default); see :func:`encode_image` to share one
   encoding between many prompts.
@@ -48,11 +58,14 @@ Guarantees of :func:`run_requests`:
   per-endpoint counts.
 - **Secrets.** The API key is read from the environment variable named by
   ``vlm.api_key_env`` and is never written to logs, the cache, stats or results (error
-  texts are redacted; endpoints are shown without user info or query).
+  texts are redacted; endpoints are shown without user info or query). Rules pass
+  :func:`redacted` ``(config["vlm"])`` as params (endpoint passwords and query values
+  replaced by ``***``), and jobs read the full section at run time with
+  :func:`runtime_section`, so no secret reaches ``.snakemake/metadata``.
 
 Failure kinds: ``timeout``, ``connection``, ``truncated`` (HTTP body cut short),
 ``malformed_response`` (HTTP body not the API's JSON), ``http_429``, ``http_5xx``,
-``http_4xx``, ``malformed_json``, ``schema_violation``, ``length``, ``image_error``
+``http_404`` (model not found), ``http_408``, ``http_auth`` (401/403), ``http_4xx`` (any other 4xx), ``malformed_json``, ``schema_violation``, ``length``, ``image_error``
 (image unreadable; nothing sent, nothing cached), ``error`` (anything else).
 
 Simulator: with ``vlm.simulator.enabled`` the calls above start in-process HTTP
@@ -64,33 +77,40 @@ metadata file (generated scenes and their true boxes).
 from __future__ import annotations
 
 from .cache import ResponseCache
-from .client import Request, Result, Stats, aembed, arun_requests, chat_key, embed, embed_key, run_requests
+from .client import (
+    Request,
+    Result,
+    Stats,
+    VLMOutage,
+    aembed,
+    arun_requests,
+    chat_key,
+    embed,
+    embed_key,
+    run_requests,
+)
 from .config import (
     FAILURE_KINDS,
+    PERMANENT_KINDS,
     RETRYABLE_KINDS,
+    TRANSIENT_KINDS,
     ConfigError,
     EmbeddingConfig,
     GenerationConfig,
     ImageConfig,
     SimulatorConfig,
     VLMConfig,
+    redacted,
+    runtime_section,
 )
 from .payload import EncodedImage, ImageError, encode_image, fit_pixel_budget
-from .schemas import (
-    ANNOTATION_SCHEMA,
-    GROUNDING_SCHEMA,
-    SCENES,
-    annotation_prompt,
-    grounding_prompt,
-    parse_answer,
-)
+from .schemas import parse_answer
 
 __all__ = [
-    "ANNOTATION_SCHEMA",
     "FAILURE_KINDS",
-    "GROUNDING_SCHEMA",
+    "PERMANENT_KINDS",
     "RETRYABLE_KINDS",
-    "SCENES",
+    "TRANSIENT_KINDS",
     "ConfigError",
     "EmbeddingConfig",
     "EncodedImage",
@@ -103,15 +123,16 @@ __all__ = [
     "SimulatorConfig",
     "Stats",
     "VLMConfig",
+    "VLMOutage",
     "aembed",
-    "annotation_prompt",
     "arun_requests",
     "chat_key",
     "embed",
     "embed_key",
     "encode_image",
     "fit_pixel_budget",
-    "grounding_prompt",
     "parse_answer",
+    "redacted",
     "run_requests",
+    "runtime_section",
 ]

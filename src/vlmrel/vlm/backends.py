@@ -44,6 +44,12 @@ def _status_kind(status: int) -> str:
         return "http_429"
     if 500 <= status <= 599:
         return "http_5xx"
+    if status == 404:  # Ollama and OpenAI-compatible servers: model not found (not pulled yet)
+        return "http_404"
+    if status == 408:
+        return "http_408"
+    if status in (401, 403):
+        return "http_auth"
     if 400 <= status <= 499:
         return "http_4xx"
     return "error"

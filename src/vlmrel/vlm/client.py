@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .backends import Backend, BackendError, classify_error, make_backend
 from .cache import CachedResponse, ResponseCache
-from .config import RETRYABLE_KINDS, VLMConfig
+from .config import PERMANENT_KINDS, RETRYABLE_KINDS, TRANSIENT_KINDS, VLMConfig
 from .payload import EncodedImage, ImageError, encode_image
 from .schemas import check_schema, parse_answer
 
@@ -152,6 +152,51 @@ def sanitize_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def url_secrets(urls: Iterable[str]) -> list[str]:
+    """Passwords and query values of ``urls``: what error texts must never show."""
+    out: list[str] = []
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.password:
+            out.append(parts.password)
+        out.extend(kv.split("=", 1)[1] for kv in parts.query.split("&") if "=" in kv)
+    return out
+
+
+class VLMOutage(RuntimeError):
+    """More than ``vlm.max_failure_share`` of a batch failed: the server is down, the model is
+    missing, or the endpoints are wrong. Finished answers stay cached; the message names the
+    endpoints (without credentials), the failure kinds and their counts."""
+
+
+def _outage_message(
+    cfg: VLMConfig, what: str, model: str, n: int, failed: Counter, per_endpoint: dict[str, Counter]
+) -> str:
+    share = sum(failed.values()) / n
+    kinds = ", ".join(f"{k} {v}" for k, v in failed.most_common())
+    lines = [
+        f"VLM {what} failed for {sum(failed.values())} of {n} requests ({share:.0%}, more than "
+        f"vlm.max_failure_share {cfg.max_failure_share:.0%}) with {cfg.backend} model {model}: {kinds}",
+    ]
+    for ep, counts in sorted(per_endpoint.items()):
+        lines.append(f"  endpoint {ep}: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    transient = sorted(k for k in failed if k in TRANSIENT_KINDS)
+    lines.append(
+        "Finished answers stay cached; a re-run sends only the rest"
+        + (f" (failures of kind {', '.join(transient)} are sent again)." if transient else ".")
+    )
+    return "\n".join(lines)
+
+
+def _check_outage(
+    cfg: VLMConfig, what: str, model: str, n: int, failed: Counter, per_endpoint: dict[str, Counter]
+) -> None:
+    if n and sum(failed.values()) / n > cfg.max_failure_share:
+        msg = _outage_message(cfg, what, model, n, failed, per_endpoint)
+        log.error("%s", msg)
+        raise VLMOutage(msg)
 
 
 class _Redactor:
@@ -300,8 +345,13 @@ async def _with_retries(
     op: Callable[[Backend], Awaitable[T]],
     stats: Stats,
     redact: _Redactor,
+    model: str | None = None,
 ) -> _Outcome:
-    """Run ``op`` on a free endpoint slot; retry transient failures with backoff and jitter."""
+    """Run ``op`` on a free endpoint slot; retry transient failures with backoff and jitter.
+
+    The first connection error and the first 404 of each endpoint are logged at WARNING,
+    naming the endpoint (without credentials) and the model.
+    """
     out = _Outcome()
     hard_timeout = cfg.timeout_s + cfg.connect_timeout_s + 1.0
     for attempt in range(cfg.retries + 1):
@@ -328,6 +378,14 @@ async def _with_retries(
             out.kind, out.error, out.latency_s = kind, redact(message), time.perf_counter() - t0
             stats.attempt_errors[kind] += 1
             stats.endpoint(name, f"error_{kind}")
+            if kind in ("connection", "http_404") and stats.per_endpoint[name][f"error_{kind}"] == 1:
+                log.warning(
+                    "%s from endpoint %s for model %s: %s",
+                    "cannot connect" if kind == "connection" else "404 (model not found or not pulled yet?)",
+                    name,
+                    model or cfg.model,
+                    out.error,
+                )
             if kind not in RETRYABLE_KINDS or attempt == cfg.retries:
                 return out
             stats.retries += 1
@@ -340,9 +398,13 @@ async def _with_retries(
 
 
 def _should_resend(cfg: VLMConfig, cached: CachedResponse) -> bool:
+    """Whether a cached result is sent again: every transient failure (the server or the way to
+    it was the trouble), and a permanent one only when ``vlm.retry_failed`` lists its kind."""
     if cached.status == "ok":
         return False
-    return "all" in cfg.retry_failed or (cached.failure_kind in cfg.retry_failed)
+    if cached.failure_kind not in PERMANENT_KINDS:
+        return True
+    return "all" in cfg.retry_failed or cached.failure_kind in cfg.retry_failed
 
 
 def _quiet_http_loggers() -> None:
@@ -383,7 +445,7 @@ async def arun_requests(
     }.values():
         check_schema(schema)
     api_key = cfg.api_key()
-    redact = _Redactor([api_key])
+    redact = _Redactor([api_key, *url_secrets(cfg.endpoints)])
     _quiet_http_loggers()
     stats = Stats(kind="chat", items=len(reqs))
     results: list[Result | None] = [None] * len(reqs)
@@ -509,7 +571,7 @@ async def arun_requests(
                 attempts=out.attempts,
                 meta=req.meta,
             )
-            if kind is not None and kind in RETRYABLE_KINDS:
+            if kind is not None and kind in TRANSIENT_KINDS:
                 warned[0] += 1
                 if warned[0] <= MAX_WARNINGS:
                     log.warning(
@@ -552,7 +614,15 @@ async def arun_requests(
         stats.http_requests,
         stats.wall_s,
     )
-    return [r for r in results if r is not None]
+    final = [r for r in results if r is not None]
+    sent = [r for r in final if r.failure_kind != "image_error"]  # unreadable images are no outage
+    failed = Counter(r.failure_kind or "error" for r in sent if not r.ok)
+    per_endpoint: dict[str, Counter] = {}
+    for r in sent:
+        if not r.ok:
+            per_endpoint.setdefault(r.endpoint or "(cache)", Counter())[r.failure_kind or "error"] += 1
+    _check_outage(cfg, "chat", cfg.model, len(sent), failed, per_endpoint)
+    return final
 
 
 def _run_sync(coro: Awaitable[T]) -> T:
@@ -613,7 +683,7 @@ async def aembed(
     backend = cfg.embedding.backend or cfg.backend
     urls = cfg.embedding.endpoints or cfg.endpoints
     api_key = cfg.api_key()
-    redact = _Redactor([api_key])
+    redact = _Redactor([api_key, *url_secrets(urls)])
     _quiet_http_loggers()
     stats = Stats(kind="embed", items=len(texts))
     keys = [embed_key(cfg, t) for t in texts]
@@ -630,6 +700,7 @@ async def aembed(
     bs = cfg.embedding.batch_size
     batches = [missing[i : i + bs] for i in range(0, len(missing), bs)]
     failed_kinds: dict[str, str] = {}
+    failed_endpoint: dict[str, str] = {}
     pool = _Pool(backend, urls, cfg, api_key)
     bar = _progress(len(missing), f"embed {cfg.embedding.model}", progress and bool(missing))
     queue: Iterator[list[tuple[str, str]]] = iter(batches)
@@ -649,7 +720,7 @@ async def aembed(
                 raise BackendError("malformed_response", f"{len(vecs)} vectors for {len(batch_texts)} texts")
             return vecs
 
-        out = await _with_retries(cfg, pool, batch[0][0], op, stats, redact)
+        out = await _with_retries(cfg, pool, batch[0][0], op, stats, redact, cfg.embedding.model)
         if out.kind is None:
             for (k, _), vec in zip(batch, out.value, strict=True):
                 arr = np.asarray(vec, dtype=np.float32)
@@ -659,6 +730,7 @@ async def aembed(
             log.warning("embedding batch of %d failed: %s: %s", len(batch), out.kind, out.error)
             for k, _ in batch:
                 failed_kinds[k] = out.kind
+                failed_endpoint[k] = out.endpoint or "?"
         bar.update(len(batch))
 
     async def worker() -> None:
@@ -686,6 +758,11 @@ async def aembed(
         from vlmrel.io import write_json
 
         write_json(stats_path, stats.to_dict(cfg))
+    per_endpoint: dict[str, Counter] = {}
+    for k in keys:
+        if k not in vectors:
+            per_endpoint.setdefault(failed_endpoint.get(k, "?"), Counter())[failed_kinds.get(k, "error")] += 1
+    _check_outage(cfg, "embed", cfg.embedding.model, len(keys), stats.failures, per_endpoint)
     if texts and not dims:
         raise RuntimeError(
             f"embedding model {cfg.embedding.model}: every request failed ({dict(stats.failures)}); nothing to return"

@@ -12,8 +12,10 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 BACKENDS = ("ollama", "openai")
 STRUCTURED_OUTPUT = ("json_schema", "json_object", "none")
@@ -26,6 +28,9 @@ FAILURE_KINDS = (
     "malformed_response",
     "http_429",
     "http_5xx",
+    "http_404",
+    "http_408",
+    "http_auth",
     "http_4xx",
     "malformed_json",
     "schema_violation",
@@ -35,8 +40,17 @@ FAILURE_KINDS = (
 )
 #: kinds retried (with backoff) inside one run: transient transport or server trouble
 RETRYABLE_KINDS = frozenset(
-    {"timeout", "connection", "truncated", "malformed_response", "http_429", "http_5xx"}
+    {"timeout", "connection", "truncated", "malformed_response", "http_429", "http_5xx", "http_408"}
 )
+#: kinds that say something about the answer to *this* request, so a re-run returns them from
+#: the cache unless ``vlm.retry_failed`` lists them: the answer was not JSON, broke the schema
+#: or was cut at max_tokens, or the server rejected the request itself (a 4xx other than
+#: 401/403, 404, 408 and 429)
+PERMANENT_KINDS = frozenset({"malformed_json", "schema_violation", "length", "http_4xx"})
+#: kinds a re-run sends again by default: the server or the way to it was the trouble, not the
+#: request (unreachable, timed out, overloaded, 5xx after the last retry, a 404 for a model not
+#: pulled yet, a refused API key); ``image_error`` is never cached (nothing was sent)
+TRANSIENT_KINDS = frozenset(set(FAILURE_KINDS) - PERMANENT_KINDS - {"image_error"})
 SIM_FAULTS = (
     "timeout",
     "http_429",
@@ -208,6 +222,53 @@ class SimulatorConfig:
         _check_type("vlm.simulator.embedding_dim", self.embedding_dim, (int,))
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password and query values replaced by ``***``; scheme, user, host, port
+    and path (the endpoint's identity) stay, so a changed endpoint still changes the view."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    if parts.username is not None:
+        netloc = f"{parts.username}{':***' if parts.password is not None else ''}@{netloc}"
+    query = "&".join(f"{kv.split('=', 1)[0]}=***" for kv in parts.query.split("&") if kv)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def redacted(section: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``vlm:`` section as rule params may carry it: every endpoint URL through
+    :func:`redact_url`, so no password or token reaches ``.snakemake/metadata``.
+
+    Jobs get the full section at run time with :func:`runtime_section`. An API key never is
+    in the section (only the name of its environment variable, ``api_key_env``).
+    """
+    out = json.loads(json.dumps(dict(section or {}), default=list))
+    for holder in (out, out.get("embedding")):
+        if isinstance(holder, dict) and holder.get("endpoints"):
+            eps = holder["endpoints"]
+            holder["endpoints"] = (
+                redact_url(eps) if isinstance(eps, str) else [redact_url(str(u)) for u in eps]
+            )
+    return out
+
+
+def runtime_section(view: Mapping[str, Any] | None, section: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full ``vlm:`` section for a job whose params hold ``view`` (= ``redacted(section)``).
+
+    ``section`` is the workflow config's (``snakemake.config["vlm"]``), read when the job runs;
+    an empty ``view`` (a rule that needs no VLM) gives ``{}``.
+    """
+    if not view:
+        return {}
+    full = json.loads(json.dumps(dict(section or {}), default=list))
+    if json.dumps(redacted(full), sort_keys=True) != json.dumps(dict(view), sort_keys=True, default=list):
+        raise ConfigError(
+            "vlm: the job's params do not match the config's vlm section (the config changed after "
+            "the workflow was planned?); re-run snakemake"
+        )
+    return full
+
+
 def _endpoints(where: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -240,6 +301,7 @@ class VLMConfig:
     cache_path: str = ".vlmrel-cache/vlm.sqlite"
     cache_salt: str = ""
     retry_failed: tuple[str, ...] = ()
+    max_failure_share: float = 0.5
     image: ImageConfig = field(default_factory=ImageConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
@@ -280,6 +342,9 @@ class VLMConfig:
                     f"vlm.retry_failed: unknown failure kind {kind!r}; allowed: all, {', '.join(FAILURE_KINDS)}"
                 )
         object.__setattr__(self, "retry_failed", retry_failed)
+        _check_type("vlm.max_failure_share", self.max_failure_share, (int, float))
+        if not 0 <= self.max_failure_share <= 1:
+            raise ConfigError(f"vlm.max_failure_share: must be in [0, 1], got {self.max_failure_share}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> VLMConfig:

@@ -4,7 +4,8 @@ A VLM resizes every image to its own pixel budget anyway, so sending a full-size
 only costs bandwidth and server time. ``encode_image`` applies the EXIF orientation,
 converts to RGB (transparency composited on white), shrinks the image so that
 ``width * height <= max_pixels`` keeping the aspect ratio (never enlarging), and encodes
-it once as JPEG or PNG. The cache key hashes these encoded bytes, so the same pixels
+it once as JPEG or PNG. The mode conversion is :func:`vlmrel.images.to_rgb`, shared with
+the pixel files. The cache key hashes these encoded bytes, so the same pixels
 reach the same key whatever file format they came from, and a change of budget or
 quality is a new key.
 """
@@ -99,23 +100,15 @@ def load_image(source: Any) -> Any:
 
 
 def _to_rgb(im: Any) -> Any:
-    from PIL import Image
+    """8-bit RGB by :func:`vlmrel.images.to_rgb`, the conversion the pixel files use too.
 
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
+    One function for both, so a model sees the same pixels through the VLM payload and
+    through the pixel tensors: 16-bit greyscale is scaled (65535 -> 255, a uniform 40000
+    becomes 156), never stretched min..max; transparency is composited on white.
+    """
+    from vlmrel.images import to_rgb
 
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.round().astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
+    return to_rgb(im)
 
 
 def encode_image(source: Any, image_cfg: ImageConfig | None = None) -> EncodedImage:

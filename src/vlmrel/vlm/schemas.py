@@ -1,10 +1,8 @@
-"""Answer schemas, reference prompts and the validator every response goes through.
+"""The validator every response goes through.
 
-``ANNOTATION_SCHEMA`` is the teacher annotation of seed 004 (scene, has_person,
-has_animal, is_document, is_screenshot, objects[name_free, coarse_type, is_main,
-confidence]); ``GROUNDING_SCHEMA`` is a Qwen3-VL style box ``{"bbox_2d": [x1, y1, x2,
-y2]}``. The chains may use their own schemas; the simulator answers any object schema
-with these fields.
+The chains own their schemas and prompts (:mod:`vlmrel.teacher.schema`,
+:mod:`vlmrel.grounding.request`) and hand them to the client in each
+:class:`~vlmrel.vlm.Request`; this layer knows no chain.
 
 :func:`parse_answer` turns a model's raw text into validated JSON or a failure kind:
 ``malformed_json`` (not JSON) or ``schema_violation`` (JSON that breaks the schema). A
@@ -16,68 +14,6 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-
-SCENES = ("product", "food", "people", "selfie", "animals", "document", "screenshot", "other")
-
-ANNOTATION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["scene", "has_person", "has_animal", "is_document", "is_screenshot", "objects"],
-    "properties": {
-        "scene": {"type": "string", "enum": list(SCENES)},
-        "has_person": {"type": "boolean"},
-        "has_animal": {"type": "boolean"},
-        "is_document": {"type": "boolean"},
-        "is_screenshot": {"type": "boolean"},
-        "objects": {
-            "type": "array",
-            "maxItems": 10,
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name_free", "coarse_type", "is_main", "confidence"],
-                "properties": {
-                    "name_free": {"type": "string"},
-                    "coarse_type": {"type": "string"},
-                    "is_main": {"type": "boolean"},
-                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                },
-            },
-        },
-    },
-}
-
-GROUNDING_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["bbox_2d"],
-    "properties": {
-        "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
-        "label": {"type": "string"},
-    },
-}
-
-ANNOTATION_PROMPT = (
-    "You annotate photos. Answer with JSON only, no prose. Fields: scene (one of "
-    + ", ".join(SCENES)
-    + "), has_person, has_animal, is_document, is_screenshot (booleans), and objects: a list of up to 10 "
-    "visible objects, each with name_free (a short free-text name), coarse_type (one word such as keyboard, "
-    "phone, food, drink, person, cat, vehicle), is_main (true for the main subject) and confidence (0 to 1)."
-)
-
-
-def annotation_prompt() -> str:
-    """The teacher annotation prompt (seed 004), JSON only."""
-    return ANNOTATION_PROMPT
-
-
-def grounding_prompt(expression: str) -> str:
-    """Seed 000's Qwen3-VL grounding prompt: a box for ``expression`` in relative 0-1000 coordinates."""
-    return (
-        f'Where is "{expression}" in this image? Output the bounding box in format: '
-        '{"bbox_2d": [x_min, y_min, x_max, y_max]} using coordinates 0-1000.'
-    )
-
 
 _FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 
