@@ -21,7 +21,7 @@ rule teacher_annotate:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/vlm.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/teacher_annotate.py"
 

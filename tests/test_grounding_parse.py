@@ -250,3 +250,18 @@ def test_prose_only_and_refusals_stay_failures():
     ):
         r = parse_bbox(text, "rel1000", (64, 64))
         assert not r.ok and r.box is None and r.failure in FAILURE_KINDS
+
+
+def test_ollama_thinking_field_reaches_the_parser_through_the_backend():
+    """Ollama returns a thinking model's reasoning in message.thinking, apart from message.content
+    (docs.ollama.com/capabilities/thinking); the backend keeps it as a <think> block."""
+    from types import SimpleNamespace
+
+    from vlmrel.vlm.backends import _with_thinking
+
+    only = _with_thinking(SimpleNamespace(content="", thinking="The cup is on the left."))
+    assert parse_bbox(only, "rel1000", (100, 100)).failure == "thinking_only"
+    both = _with_thinking(SimpleNamespace(content='{"bbox_2d": [100, 100, 500, 500]}', thinking="left"))
+    parsed = parse_bbox(both, "rel1000", (100, 100))
+    assert parsed.box == (0.1, 0.1, 0.5, 0.5) and parsed.thinking
+    assert _with_thinking(SimpleNamespace(content="x", thinking=None)) == "x"

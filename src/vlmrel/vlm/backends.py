@@ -30,6 +30,16 @@ class ChatReply:
     finish_reason: str | None
 
 
+def _with_thinking(message: Any) -> str:
+    """An Ollama message's answer text, its separate ``thinking`` field (thinking models) kept in
+    front as a ``<think>...</think>`` block, the form other servers return it in, so that the
+    answer parsers see it (a reply that is only thinking is a named failure there, not an empty
+    answer)."""
+    content = getattr(message, "content", None) or ""
+    thinking = getattr(message, "thinking", None)
+    return f"<think>{thinking}</think>{content}" if thinking else content
+
+
 class BackendError(Exception):
     """A request failed; ``kind`` is a failure kind, ``retry_after`` a server hint in seconds."""
 
@@ -201,7 +211,7 @@ class OllamaBackend(Backend):
         resp = await self._client.chat(
             model=model, messages=messages, format=fmt, options=options, stream=False
         )
-        return ChatReply(text=resp.message.content or "", finish_reason=getattr(resp, "done_reason", None))
+        return ChatReply(text=_with_thinking(resp.message), finish_reason=getattr(resp, "done_reason", None))
 
     async def embed(self, model: str, texts: list[str], dimensions: int | None) -> list[list[float]]:
         resp = await self._client.embed(model=model, input=texts, dimensions=dimensions)
