@@ -95,6 +95,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStorageEnforce=associations
 JobCompType=jobcomp/none
+# keep sbatch --comment (the executor plugin puts the rule name there) for sacct
+AccountingStoreFlags=job_comment
 # start jobs as soon as they are submitted, keep finished ones visible to squeue for 5 min
 SchedulerParameters=sched_min_interval=0
 MinJobAge=300
