@@ -27,7 +27,8 @@ from common import ROOT, env_with_src, json_diff, overlay, read_json, snakemake
 
 sys.path.insert(0, str(ROOT / "src"))
 
-RUN = "it-ls"
+# the SLURM part's local run (its teacher chain is then already built); built here when missing
+RUN = "it-local"
 TOKEN = "vlmrel-integration-token-0123456789"
 REVIEWER = "reviewer@vlmrel.test"
 TEACHER = ROOT / "results" / RUN / "teacher"
@@ -140,10 +141,7 @@ def reviewed(tmp_path_factory):
     t0 = time.monotonic()
     ls = LabelStudio(venv, tmp, logs / "label-studio.log")
     try:
-        # the teacher chain against the auto truth runs while the server starts
-        import shutil
-
-        shutil.rmtree(ROOT / "results" / RUN, ignore_errors=True)
+        # the teacher chain against the auto truth (built, or brought back) while the server starts
         env = env_with_src()
         snakemake(["teacher"], "profiles/default", [overlay(tmp, RUN)], logs / "ls-teacher-auto.log", env)
         auto_eval = read_json(TEACHER / "tiny_clip" / "eval.json")
