@@ -46,6 +46,14 @@ def localrules() -> set[str]:
     return set(re.findall(r"\w+", block.group(1)))
 
 
+def profile_groups() -> dict[str, str]:
+    """rule -> group from profiles/slurm (`groups:`): each connected set is one cluster job."""
+    import yaml
+
+    prof = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text(encoding="utf-8"))
+    return dict(prof.get("groups") or {})
+
+
 def dry_run_jobs(targets: list[str], cfg: Path, env: dict[str, str]) -> list[dict]:
     """Every job of the targets as the workflow resolves it: rule, threads, mem_mb, runtime."""
     out = subprocess.run(
@@ -54,8 +62,8 @@ def dry_run_jobs(targets: list[str], cfg: Path, env: dict[str, str]) -> list[dic
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     ).stdout
     jobs = []
-    for block in re.split(r"\n(?=(?:rule|checkpoint|localrule|localcheckpoint) \w+:\n)", out):
-        m = re.match(r"(?:rule|checkpoint|localrule|localcheckpoint) (\w+):\n", block)
+    for block in re.split(r"\n(?= *(?:rule|checkpoint|localrule|localcheckpoint) \w+:\n)", out):
+        m = re.match(r" *(?:rule|checkpoint|localrule|localcheckpoint) (\w+):\n", block)
         if not m or "    output:" not in block:
             continue  # the log's head, or a target rule without outputs
         res = dict(re.findall(r"(\w+)=([^,\n]+)", re.search(r"resources: (.*)", block).group(1)))
@@ -67,6 +75,33 @@ def dry_run_jobs(targets: list[str], cfg: Path, env: dict[str, str]) -> list[dic
             "runtime": int(res["runtime"]),
         })
     return jobs
+
+
+def expected_cluster_jobs(expected: list[dict]) -> Counter:
+    """(name, mem_mb, cpus, minutes) of each cluster job: one per job of a rule that is neither local
+    nor grouped; one per group, asking for its widest layer's summed memory and CPUs and the sum of
+    its layers' longest runtimes (snakemake's layered group resources). The demo's groups hold one
+    connected set of jobs per run, layered in the order their rules first appear."""
+    local, groups = localrules(), profile_groups()
+    out: Counter = Counter()
+    members: dict[str, list[dict]] = {}
+    for j in expected:
+        if j["rule"] in local:
+            continue
+        if j["rule"] in groups:
+            members.setdefault(groups[j["rule"]], []).append(j)
+        else:
+            out[(j["rule"], j["mem_mb"], j["threads"], j["runtime"])] += 1
+    for group, jobs in members.items():
+        layers: dict[str, list[dict]] = {}
+        for j in jobs:
+            layers.setdefault(j["rule"], []).append(j)
+        name = f"{group}_" + "_".join(sorted(layers))
+        mem = max(sum(j["mem_mb"] for j in layer) for layer in layers.values())
+        cpus = max(sum(j["threads"] for j in layer) for layer in layers.values())
+        minutes = sum(max(j["runtime"] for j in layer) for layer in layers.values())
+        out[(name, mem, cpus, minutes)] += 1
+    return out
 
 
 def sacct(run_ids: list[str]) -> list[dict]:
@@ -130,24 +165,23 @@ def test_every_cluster_job_completed(runs):
 
 def test_cluster_jobs_are_the_workflow_jobs_less_the_local_rules(runs):
     local = localrules()
-    want = Counter(j["rule"] for j in runs["expected"] if j["rule"] not in local)
+    want: Counter = Counter()
+    for (name, *_), n in expected_cluster_jobs(runs["expected"]).items():
+        want[name] += n
     got = Counter(j["rule"] for j in runs["jobs"])
     assert got == want
     assert not local & set(got), f"local rules ran as cluster jobs: {sorted(local & set(got))}"
-    assert "mcdo_trial" in got and got["mcdo_trial"] == 8
+    assert got["mcdo_trial"] == 8
 
 
 def test_requested_resources_match_the_rules(runs):
-    local = localrules()
-    want = Counter(
-        (j["rule"], j["mem_mb"], j["threads"], j["runtime"]) for j in runs["expected"] if j["rule"] not in local
-    )
+    want = expected_cluster_jobs(runs["expected"])
     got = Counter((j["rule"], j["mem_mb"], int(j["ReqCPUS"]), int(j["TimelimitRaw"])) for j in runs["jobs"])
     assert got == want
-    # and in numbers, from the rules and the profile: the demo's mcdo.mem_mb, the profile's 240 min
-    trials = {k for k in got if k[0] == "mcdo_trial"}
-    assert trials == {("mcdo_trial", 2000, 1, 240)}
-    assert {k for k in got if k[0] == "manifest"} == {("manifest", 1000, 1, 60)}
+    # and in numbers, from the rules and the profile: the demo's mcdo.mem_mb, the profile's 240 min;
+    # the prep group: two pixels jobs side by side (2 x 2000 MB, 2 CPUs), three layers of 60 min
+    assert {k for k in got if k[0] == "mcdo_trial"} == {("mcdo_trial", 2000, 1, 240)}
+    assert {k for k in got if k[0].startswith("prep_")} == {("prep_demo_images_manifest_pixels", 4000, 2, 180)}
 
 
 def test_gate_checkpoint_ran_as_a_cluster_job(runs):
