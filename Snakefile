@@ -61,7 +61,8 @@ if GPU:
         "cpus_per_gpu": int(os.environ.get("VLMREL_SLURM_CPUS_PER_GPU") or 8),
     }
     for _rule in workflow.rules:
-        if _rule.resources.get("gpu").value:
+        _gpu = _rule.resources.get("gpu")
+        if _gpu.is_evaluable() or _gpu.value:  # a callable is taken to ask for one
             _rule.resources.update({k: v for k, v in _site_gpu.items() if v})
 
 

@@ -196,3 +196,35 @@ def test_outputs_equal_the_local_run(runs, rel):
     b = read_json(ROOT / "results" / CLUSTER / rel)
     diff = json_diff(a, b)
     assert not diff, f"{rel} differs between the local and the cluster run:\n" + "\n".join(diff[:20])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_only_gpu_jobs_ask_for_a_gpu_and_the_gpu_partition(device, tmp_path):
+    """Dry run: with device cuda exactly the model rules go to the GPU partition with model and CPUs."""
+    site = SITE | {"VLMREL_SLURM_GPU_PARTITION": "gpu", "VLMREL_SLURM_GPU_MODEL": "h100"}
+    cfg = overlay(tmp_path, "it-gpu-dry", f"device: {device}\n")
+    out = subprocess.run(
+        [str(Path(__import__("sys").executable).parent / "snakemake"), "phase1", "teacher", "anomaly", "-n",
+         "--forceall", "--profile", "profiles/slurm", "--configfile", "config/demo.yaml", str(cfg)],
+        cwd=ROOT, env=env_with_src(site), capture_output=True, text=True, check=True,
+    ).stdout
+    routed, rules = {}, set()
+    for block in re.split(r"\n(?= *(?:rule|checkpoint) \w+:\n)", out):
+        m = re.match(r" *(?:rule|checkpoint) (\w+):\n", block)
+        res = re.search(r"resources: (.*)", block)
+        if not m or not res or "    output:" not in block:
+            continue
+        r = dict(re.findall(r"(\w+)=([^,\n]+)", res.group(1)))
+        rules.add(m.group(1))
+        routed[m.group(1)] = (r.get("slurm_partition"), r.get("gpu"), r.get("gpu_model"), r.get("cpus_per_gpu"))
+    # the model rules (mcdo_geometry is `use rule mcdo_trial`); no other rule asks for a GPU
+    gpu_rules = {"mcdo_trial", "mcdo_geometry", "mcdo_ambiguity", "embeddings", "anomaly_logits"}
+    assert gpu_rules <= rules
+    assert {rule for rule, got in routed.items() if got[1] not in (None, "0")} == (
+        gpu_rules if device == "cuda" else set()
+    )
+    for rule, got in routed.items():
+        if device == "cuda" and rule in gpu_rules:
+            assert got == ("gpu", "1", "h100", "8"), rule
+        else:
+            assert got[0] == "main" and got[2:] == (None, None) and got[1] in (None, "0"), (rule, got)
