@@ -4,7 +4,7 @@
 #   snakemake -c2 --configfile config/demo.yaml mcdo       # one chain (targets below)
 #   snakemake -n / --rulegraph / --dag / --report report.html
 #
-# Rules are wiring; the logic lives in src/vlmrel (see DESIGN.md).
+# Rules are wiring; the logic lives in src/vlmrel (see docs/architecture.md).
 
 import os
 

@@ -1,9 +1,10 @@
 # anomaly: logits + labels -> anomaly scores -> exact metrics, threshold and subsampling studies -> figures
-# (seed 003). Sources (config anomaly.source):
-#   demo   - synthetic scenes, a tiny network trained here, its logits (SYNTHETIC, see vlmrel.anomaly.synthetic)
-#   images - HDF5 images + labels per split (anomaly.images, a path with {split}); logits from the
-#            configured network and checkpoint (DeepLabV3-ResNet50)
-#   logits - HDF5 logits + labels per split (anomaly.logits, a path with {split})
+# (seed 003). Sources (config anomaly.source; the input functions in common.smk decide once):
+#   demo          - synthetic scenes, a tiny network trained here, its logits (SYNTHETIC, see vlmrel.anomaly.synthetic)
+#   images        - HDF5 images + labels per split (anomaly.images, a path with {split}); logits from the
+#                   configured network and checkpoint (DeepLabV3-ResNet50)
+#   streethazards - the dataset in its published layout (anomaly.streethazards.root), imported here
+#   logits        - HDF5 logits + labels per split (anomaly.logits, a path with {split})
 
 
 rule anomaly_demo_data:
@@ -12,12 +13,12 @@ rule anomaly_demo_data:
         val="results/{run}/anomaly/data/val.h5",
         test="results/{run}/anomaly/data/test.h5",
     params:
-        seed=config["anomaly"]["seed"],
-        image_size=config["anomaly"]["demo"]["image_size"],
-        n_train=config["anomaly"]["demo"]["n_train"],
-        n_val=config["anomaly"]["demo"]["n_val"],
-        n_test=config["anomaly"]["demo"]["n_test"],
-        anomaly_fraction=config["anomaly"]["demo"]["anomaly_fraction"],
+        seed=ANOMALY["seed"],
+        image_size=ANOMALY["demo"]["image_size"],
+        n_train=ANOMALY["demo"]["n_train"],
+        n_val=ANOMALY["demo"]["n_val"],
+        n_test=ANOMALY["demo"]["n_test"],
+        anomaly_fraction=ANOMALY["demo"]["anomaly_fraction"],
     log:
         "results/{run}/logs/anomaly/demo_data.log",
     threads: 1
@@ -29,6 +30,34 @@ rule anomaly_demo_data:
         "../scripts/anomaly_demo_data.py"
 
 
+rule anomaly_import_streethazards:
+    output:
+        data="results/{run}/anomaly/streethazards/{split}.h5",
+        summary="results/{run}/anomaly/streethazards/{split}.json",
+    wildcard_constraints:
+        split="train|val|test",
+    params:
+        root=ANOMALY["streethazards"]["root"],
+        folders=lambda wildcards: ANOMALY["streethazards"]["splits"][wildcards.split],
+        image_size=ANOMALY["streethazards"]["image_size"],
+        resize=ANOMALY["streethazards"]["resize"],
+        label_offset=ANOMALY["streethazards"]["label_offset"],
+        num_classes=ANOMALY["num_classes"],
+        anomaly_ids=ANOMALY["anomaly_ids"],
+        ignore_ids=ANOMALY["ignore_ids"],
+    log:
+        "results/{run}/logs/anomaly/import_streethazards_{split}.log",
+    benchmark:
+        "results/{run}/benchmarks/anomaly/import_streethazards_{split}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_import_streethazards.py"
+
+
 rule anomaly_train:
     input:
         train="results/{run}/anomaly/data/train.h5",
@@ -37,20 +66,20 @@ rule anomaly_train:
         model="results/{run}/anomaly/model/segnet.safetensors",
         record="results/{run}/anomaly/model/train.json",
     params:
-        arch=config["anomaly"]["model"]["arch"],
-        num_classes=config["anomaly"]["num_classes"],
-        ignore_ids=config["anomaly"]["ignore_ids"],
-        epochs=config["anomaly"]["model"]["epochs"],
-        batch_size=config["anomaly"]["model"]["batch_size"],
-        lr=config["anomaly"]["model"]["lr"],
-        seed=config["anomaly"]["seed"],
-        mean=config["anomaly"]["model"]["mean"],
-        std=config["anomaly"]["model"]["std"],
+        arch=ANOMALY["model"]["arch"],
+        num_classes=ANOMALY["num_classes"],
+        ignore_ids=ANOMALY["ignore_ids"],
+        epochs=ANOMALY["model"]["epochs"],
+        batch_size=ANOMALY["model"]["batch_size"],
+        lr=ANOMALY["model"]["lr"],
+        seed=ANOMALY["seed"],
+        mean=ANOMALY["model"]["mean"],
+        std=ANOMALY["model"]["std"],
     log:
         "results/{run}/logs/anomaly/train.log",
     benchmark:
         "results/{run}/benchmarks/anomaly/train.tsv"
-    threads: config["anomaly"]["model"]["train_threads"]
+    threads: ANOMALY["model"]["train_threads"]
     resources:
         mem_mb=2000,
     conda:
@@ -59,29 +88,51 @@ rule anomaly_train:
         "../scripts/anomaly_train.py"
 
 
+rule anomaly_heat_stats:
+    input:
+        data=anomaly_heat_stats_data,
+        checkpoint=anomaly_checkpoint,
+    output:
+        "results/{run}/anomaly/heat/feature_stats.safetensors",
+    params:
+        arch=ANOMALY["model"]["arch"],
+        num_classes=ANOMALY["num_classes"],
+        ignore_ids=ANOMALY["ignore_ids"],
+        batch_size=ANOMALY["model"]["infer_batch_size"],
+        mean=ANOMALY["model"]["mean"],
+        std=ANOMALY["model"]["std"],
+        ridge=ANOMALY["heat"]["ridge"],
+        device=config["device"],
+    log:
+        "results/{run}/logs/anomaly/heat_stats.log",
+    benchmark:
+        "results/{run}/benchmarks/anomaly/heat_stats.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=ANOMALY["mem_mb"],
+        gpu=1 if config["device"].startswith("cuda") else 0,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_heat_stats.py"
+
+
 rule anomaly_logits:
     input:
-        data=(
-            config["anomaly"]["images"]
-            if config["anomaly"]["source"] == "images"
-            else "results/{run}/anomaly/data/{split}.h5"
-        ),
-        checkpoint=(
-            "results/{run}/anomaly/model/segnet.safetensors"
-            if config["anomaly"]["source"] == "demo"
-            else (config["anomaly"]["model"]["checkpoint"] or [])
-        ),
+        data=anomaly_data,
+        checkpoint=anomaly_checkpoint,
+        heat_stats=anomaly_heat_stats,
     output:
         "results/{run}/anomaly/logits/{split}.h5",
     wildcard_constraints:
         split="val|test",
     params:
-        arch=config["anomaly"]["model"]["arch"],
-        num_classes=config["anomaly"]["num_classes"],
-        batch_size=config["anomaly"]["model"]["infer_batch_size"],
-        mean=config["anomaly"]["model"]["mean"],
-        std=config["anomaly"]["model"]["std"],
-        dtype=config["anomaly"]["logits_dtype"],
+        arch=ANOMALY["model"]["arch"],
+        num_classes=ANOMALY["num_classes"],
+        batch_size=ANOMALY["model"]["infer_batch_size"],
+        mean=ANOMALY["model"]["mean"],
+        std=ANOMALY["model"]["std"],
+        dtype=ANOMALY["logits_dtype"],
         device=config["device"],
     log:
         "results/{run}/logs/anomaly/logits_{split}.log",
@@ -89,7 +140,7 @@ rule anomaly_logits:
         "results/{run}/benchmarks/anomaly/logits_{split}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=config["anomaly"]["mem_mb"],
+        mem_mb=ANOMALY["mem_mb"],
         gpu=1 if config["device"].startswith("cuda") else 0,
     conda:
         "../envs/anomaly.yaml"
@@ -99,23 +150,19 @@ rule anomaly_logits:
 
 rule anomaly_sml_stats:
     input:
-        (
-            config["anomaly"]["logits"].replace("{split}", "val")
-            if config["anomaly"]["source"] == "logits"
-            else "results/{run}/anomaly/logits/val.h5"
-        ),
+        anomaly_logits("val"),
     output:
         "results/{run}/anomaly/sml_stats.json",
     params:
-        num_classes=config["anomaly"]["num_classes"],
-        anomaly_ids=config["anomaly"]["anomaly_ids"],
-        ignore_ids=config["anomaly"]["ignore_ids"],
-        max_block_mb=config["anomaly"]["max_block_mb"],
+        num_classes=ANOMALY["num_classes"],
+        anomaly_ids=ANOMALY["anomaly_ids"],
+        ignore_ids=ANOMALY["ignore_ids"],
+        max_block_mb=ANOMALY["max_block_mb"],
     log:
         "results/{run}/logs/anomaly/sml_stats.log",
     threads: 1
     resources:
-        mem_mb=config["anomaly"]["mem_mb"],
+        mem_mb=ANOMALY["mem_mb"],
     conda:
         "../envs/anomaly.yaml"
     script:
@@ -124,31 +171,29 @@ rule anomaly_sml_stats:
 
 rule anomaly_evaluate:
     input:
-        logits=(
-            config["anomaly"]["logits"].replace("{split}", "test")
-            if config["anomaly"]["source"] == "logits"
-            else "results/{run}/anomaly/logits/test.h5"
-        ),
-        sml="results/{run}/anomaly/sml_stats.json" if "sml" in config["anomaly"]["methods"] else [],
+        logits=anomaly_logits("test"),
+        sml=anomaly_sml(ANOMALY["methods"]),
     output:
         metrics="results/{run}/anomaly/metrics.json",
         per_image="results/{run}/anomaly/per_image.tsv",
         histograms="results/{run}/anomaly/histograms.npz",
     params:
-        num_classes=config["anomaly"]["num_classes"],
-        anomaly_ids=config["anomaly"]["anomaly_ids"],
-        ignore_ids=config["anomaly"]["ignore_ids"],
-        methods=config["anomaly"]["methods"],
-        temperature=config["anomaly"]["temperature"],
-        tpr_level=config["anomaly"]["tpr_level"],
-        max_block_mb=config["anomaly"]["max_block_mb"],
+        num_classes=ANOMALY["num_classes"],
+        anomaly_ids=ANOMALY["anomaly_ids"],
+        ignore_ids=ANOMALY["ignore_ids"],
+        methods=ANOMALY["methods"],
+        temperature=ANOMALY["temperature"],
+        tpr_level=ANOMALY["tpr_level"],
+        max_block_mb=ANOMALY["max_block_mb"],
+        max_refine_mb=ANOMALY["max_refine_mb"],
+        heat=ANOMALY["heat"],
     log:
         "results/{run}/logs/anomaly/evaluate.log",
     benchmark:
         "results/{run}/benchmarks/anomaly/evaluate.tsv"
     threads: 1
     resources:
-        mem_mb=config["anomaly"]["mem_mb"],
+        mem_mb=ANOMALY["mem_mb"],
     conda:
         "../envs/anomaly.yaml"
     script:
@@ -162,7 +207,7 @@ rule anomaly_threshold:
         tsv="results/{run}/anomaly/threshold_sensitivity.tsv",
         json="results/{run}/anomaly/threshold_sensitivity.json",
     params:
-        offsets=config["anomaly"]["threshold"]["offsets"],
+        offsets=ANOMALY["threshold"]["offsets"],
     log:
         "results/{run}/logs/anomaly/threshold.log",
     threads: 1
@@ -176,37 +221,30 @@ rule anomaly_threshold:
 
 rule anomaly_subsampling:
     input:
-        logits=(
-            config["anomaly"]["logits"].replace("{split}", "test")
-            if config["anomaly"]["source"] == "logits"
-            else "results/{run}/anomaly/logits/test.h5"
-        ),
-        sml=(
-            "results/{run}/anomaly/sml_stats.json"
-            if "sml" in (config["anomaly"]["subsampling"]["methods"] or config["anomaly"]["methods"])
-            else []
-        ),
+        logits=anomaly_logits("test"),
+        sml=anomaly_sml(anomaly_subsampling_methods()),
     output:
         summary="results/{run}/anomaly/subsampling.tsv",
         trials="results/{run}/anomaly/subsampling_trials.tsv",
     params:
-        num_classes=config["anomaly"]["num_classes"],
-        anomaly_ids=config["anomaly"]["anomaly_ids"],
-        ignore_ids=config["anomaly"]["ignore_ids"],
-        methods=config["anomaly"]["subsampling"]["methods"] or config["anomaly"]["methods"],
-        ratios=config["anomaly"]["subsampling"]["ratios"],
-        trials=config["anomaly"]["subsampling"]["trials"],
-        seed=config["anomaly"]["seed"],
-        temperature=config["anomaly"]["temperature"],
-        tpr_level=config["anomaly"]["tpr_level"],
-        max_block_mb=config["anomaly"]["max_block_mb"],
+        num_classes=ANOMALY["num_classes"],
+        anomaly_ids=ANOMALY["anomaly_ids"],
+        ignore_ids=ANOMALY["ignore_ids"],
+        methods=anomaly_subsampling_methods(),
+        ratios=ANOMALY["subsampling"]["ratios"],
+        trials=ANOMALY["subsampling"]["trials"],
+        seed=ANOMALY["seed"],
+        temperature=ANOMALY["temperature"],
+        tpr_level=ANOMALY["tpr_level"],
+        max_block_mb=ANOMALY["max_block_mb"],
+        heat=ANOMALY["heat"],
     log:
         "results/{run}/logs/anomaly/subsampling.log",
     benchmark:
         "results/{run}/benchmarks/anomaly/subsampling.tsv"
     threads: 1
     resources:
-        mem_mb=config["anomaly"]["mem_mb"],
+        mem_mb=ANOMALY["mem_mb"],
     conda:
         "../envs/anomaly.yaml"
     script:
@@ -311,25 +349,21 @@ rule anomaly_figure_subsampling:
 
 rule anomaly_image_logits:
     input:
-        (
-            config["anomaly"]["logits"]
-            if config["anomaly"]["source"] == "logits"
-            else "results/{run}/anomaly/logits/{split}.h5"
-        ),
+        anomaly_logits(),
     output:
         "results/{run}/anomaly/classification/image_logits_{split}.h5",
     wildcard_constraints:
         split="val|test",
     params:
-        num_classes=config["anomaly"]["num_classes"],
-        anomaly_ids=config["anomaly"]["anomaly_ids"],
-        ignore_ids=config["anomaly"]["ignore_ids"],
-        max_block_mb=config["anomaly"]["max_block_mb"],
+        num_classes=ANOMALY["num_classes"],
+        anomaly_ids=ANOMALY["anomaly_ids"],
+        ignore_ids=ANOMALY["ignore_ids"],
+        max_block_mb=ANOMALY["max_block_mb"],
     log:
         "results/{run}/logs/anomaly/image_logits_{split}.log",
     threads: 1
     resources:
-        mem_mb=config["anomaly"]["mem_mb"],
+        mem_mb=ANOMALY["mem_mb"],
     conda:
         "../envs/anomaly.yaml"
     script:
@@ -338,27 +372,15 @@ rule anomaly_image_logits:
 
 rule anomaly_classification:
     input:
-        test=(
-            config["anomaly"]["classification"]["logits"].replace("{split}", "test")
-            if config["anomaly"]["classification"]["source"] == "file"
-            else "results/{run}/anomaly/classification/image_logits_test.h5"
-        ),
-        val=(
-            (
-                config["anomaly"]["classification"]["logits"].replace("{split}", "val")
-                if config["anomaly"]["classification"]["source"] == "file"
-                else "results/{run}/anomaly/classification/image_logits_val.h5"
-            )
-            if "sml" in config["anomaly"]["methods"]
-            else []
-        ),
+        test=anomaly_classification_logits("test"),
+        val=anomaly_classification_logits("val"),
     output:
         "results/{run}/anomaly/classification/metrics.json",
     params:
-        num_classes=config["anomaly"]["num_classes"],
-        methods=config["anomaly"]["methods"],
-        temperature=config["anomaly"]["temperature"],
-        tpr_level=config["anomaly"]["tpr_level"],
+        num_classes=ANOMALY["num_classes"],
+        methods=ANOMALY["methods"],
+        temperature=ANOMALY["temperature"],
+        tpr_level=ANOMALY["tpr_level"],
     log:
         "results/{run}/logs/anomaly/classification.log",
     threads: 1

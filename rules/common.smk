@@ -8,8 +8,10 @@ from snakemake.utils import validate
 from vlmrel.grounding.pipeline import resolve_coords
 from vlmrel.images import list_images
 from vlmrel.io import read_json
+from vlmrel.mcdo import registry as mcdo_registry
 from vlmrel.models import REGISTRY, preprocess_spec
 from vlmrel.pixels import preproc_key
+from vlmrel.mcdo.dropout import KINDS
 
 
 # A chain listed in `chains` needs its own section; the schema's defaults only keep the others parsing.
@@ -22,25 +24,28 @@ validate(config, schema="../config/schema.yaml", set_default=True)
 RUN = config["run"]
 RESULTS = f"results/{RUN}"
 MCDO = config["mcdo"]
-EXP0 = MCDO["exp0"]
 
 GPU = 1 if config["device"].startswith("cuda") else 0
 DEMO_IMAGES = config["images"]["source"] == "demo"
 
 
-def fmt_p(p):
-    """Dropout rate as it appears in paths: 0.01 -> '0.01'."""
-    return f"{float(p):g}"
-
-
-# mcdo experiments. Trial experiments store traces (trial{k}.npz); geometry experiments store
-# the per-image covariance geometry of the same passes (geometry{k}.npz).
-PHASE1 = [e for e in ("exp0", "exp0b", "exp4_subset", "exp5_subset") if e in MCDO]
-PHASE2 = [e for e in ("exp1", "exp2", "exp3", "exp4_full", "exp5_full") if e in MCDO]
-TRIAL_EXPS = ("exp0", "convergence", "exp1", "exp2", "exp3", "exp5_subset", "exp5_full")
-GEOMETRY_EXPS = ("exp0b", "exp4_subset", "exp4_full")
-EXPERIMENTS = [e for e in (*TRIAL_EXPS, *GEOMETRY_EXPS) if e in MCDO]
+# mcdo: every experiment, target and input function comes from the registry (src/vlmrel/mcdo/registry.py).
+MCDO_EXPS = mcdo_registry.configured(MCDO)
+EXPERIMENTS = [e.name for e in MCDO_EXPS]
+PHASE1 = mcdo_registry.names(MCDO_EXPS, phase=1)
+PHASE2 = mcdo_registry.names(MCDO_EXPS, phase=2)
+SWEEPS = mcdo_registry.names(MCDO_EXPS, phase="sweep")
+GATE_INPUT = mcdo_registry.GATE_INPUT
+SWEEP = mcdo_registry.SWEEP
 FORCE_PHASE2 = MCDO.get("gate", {}).get("force_phase2", False)
+if GATE_INPUT not in MCDO:
+    raise ValueError(f"config mcdo: the gate's experiment {GATE_INPUT!r} has no section")
+
+
+def exps_where(**where):
+    """A wildcard constraint: the configured experiments whose registry entry matches ``where``."""
+    return "|".join(mcdo_registry.names(MCDO_EXPS, **where)) or "NONE"
+
 
 # teacher: heads on the image embeddings of registry models; the audited human truth when configured
 TEACHER = config["teacher"]
@@ -51,7 +56,10 @@ TEACHER_TRUTH_KIND = "human_audited" if TEACHER_AUDITED else "auto"
 
 # grounding: referring expressions x perturbations through the VLM client (demo: the simulator)
 GROUNDING = config["grounding"]
-GSUBSET = GROUNDING["subset"]["name"]
+GSUBSET = GROUNDING["subset"]["name"]  # the subset judged (the validation subset with a threshold subset)
+GTSUBSET = GROUNDING.get("threshold_subset", {}).get("name")  # where thresholds are chosen; None: GSUBSET
+if GTSUBSET == GSUBSET:
+    raise ValueError(f"config grounding.threshold_subset.name: {GTSUBSET!r} is also grounding.subset.name")
 GDATA = GROUNDING["data"]
 GDEMO = GDATA["source"] == "demo"
 GSIM = bool(config["vlm"]["simulator"]["enabled"])
@@ -70,8 +78,8 @@ wildcard_constraints:
     k=r"\d+",
     p=r"[0-9][0-9.e-]*",
     exp="|".join(EXPERIMENTS),
-    kind="input|dropconnect|gaussian",
-    subset=re.escape(GSUBSET),
+    kind="|".join(KINDS),
+    subset="|".join(re.escape(n) for n in (GSUBSET, GTSUBSET) if n),
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -106,67 +114,42 @@ def pixels_for_model(wildcards):
 # ---- mcdo ---------------------------------------------------------------------------------------
 
 
-def exp_p(exp):
-    return MCDO[exp].get("p", EXP0["p"])
+def exp_arms(exp, model):
+    """The experiment's arms for one model, each record with its K trial (or geometry) files."""
+    entry = mcdo_registry.EXPERIMENTS[exp]
+    return [
+        {
+            **arm.record(),
+            "files": mcdo_registry.arm_files(RESULTS, exp, model, arm, entry.stem, MCDO[exp]["trials"]),
+        }
+        for arm in entry.arms(MCDO[exp], MCDO)
+    ]
 
 
-def exp_rates(exp):
-    return MCDO[exp]["rates"] if exp == "exp1" else [exp_p(exp)]
+def exp_files(exp, model):
+    """Every distinct trial (or geometry) file of one experiment and model (replicate arms share files)."""
+    return list(dict.fromkeys(f for arm in exp_arms(exp, model) for f in arm["files"]))
 
 
-def exp_kinds(exp):
-    return MCDO[exp]["kinds"] if exp == "exp3" else [MCDO["dropout_kind"]]
+def run_files(wildcards):
+    return exp_files(wildcards.exp, wildcards.model)
 
 
-def run_files(exp, model, stem):
-    """Every trial (or geometry) file of one experiment and model, grouped by what varies:
-    the dropout rate for exp1, the dropout kind for exp3, nothing otherwise."""
-    groups = {}
-    for kind in exp_kinds(exp):
-        for i, rate in enumerate(exp_rates(exp)):
-            group = "trials"
-            if exp == "exp1":  # a rate listed twice is a replicate arm ('p0.01_rep2')
-                group = f"p{fmt_p(rate)}"
-                n = [fmt_p(r) for r in exp_rates(exp)[: i + 1]].count(fmt_p(rate))
-                group += f"_rep{n}" if n > 1 else ""
-            elif exp == "exp3":
-                group = kind
-            groups.setdefault(group, []).extend(
-                f"{RESULTS}/mcdo/{exp}/{model}/{kind}/p{fmt_p(rate)}/{stem}{k}.npz"
-                for k in range(MCDO[exp]["trials"])
-            )
-    return groups
+def arms_param(wildcards):
+    return exp_arms(wildcards.exp, wildcards.model)
 
 
-def trial_files(wildcards):
-    return run_files(wildcards.exp, wildcards.model, "trial")["trials"]
+def runs_by_model(wildcards):
+    """Every model's files of the wildcard's experiment, keyed by model (the over-model figures)."""
+    return {m: exp_files(wildcards.exp, m) for m in MCDO[wildcards.exp]["models"]}
 
 
-def trial_groups(wildcards):
-    return run_files(wildcards.exp, wildcards.model, "trial")
-
-
-def geometry_files(wildcards):
-    return run_files(wildcards.exp, wildcards.model, "geometry")["trials"]
-
-
-def trials_by_model(wildcards):
-    """exp0 trial files of every model, keyed by model (the score-distribution figure)."""
-    return {m: run_files("exp0", m, "trial")["trials"] for m in MCDO["exp0"]["models"]}
-
-
-def geometry_by_model(wildcards):
-    return {m: run_files(wildcards.exp, m, "geometry")["trials"] for m in MCDO[wildcards.exp]["models"]}
-
-
-def figure_runs(wildcards):
-    """The trial (or, for exp4, geometry) files a per-model figure reads, flat."""
-    stem = "geometry" if wildcards.exp in GEOMETRY_EXPS else "trial"
-    return [f for files in run_files(wildcards.exp, wildcards.model, stem).values() for f in files]
+def exp_models(wildcards):
+    return MCDO[wildcards.exp]["models"]
 
 
 def exp_rate(wildcards):
-    return exp_p(wildcards.exp)
+    return mcdo_registry.exp_rate(MCDO[wildcards.exp], MCDO)
 
 
 def exp_settings(wildcards):
@@ -178,8 +161,14 @@ def exp_T(wildcards):
 
 
 def exp_num_images(wildcards):
-    """exp2's pixel file already holds only its images (natural + synthetic): use all of it."""
-    return None if wildcards.exp == "exp2" else MCDO[wildcards.exp].get("num_images")
+    """A synthetic pixel file already holds only its experiment's images (natural + synthetic): use all."""
+    if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels == "synthetic":
+        return None
+    return MCDO[wildcards.exp].get("num_images")
+
+
+def exp_is_geometry(wildcards):
+    return mcdo_registry.EXPERIMENTS[wildcards.exp].job == "geometry"
 
 
 def exp_setting(key):
@@ -187,9 +176,20 @@ def exp_setting(key):
     return lambda wildcards: MCDO[wildcards.exp].get(key)
 
 
+def synthetic_setting(key):
+    """One key of the config of the experiment that runs on synthetic pixels (None without one)."""
+    exps = mcdo_registry.names(MCDO_EXPS, pixels="synthetic")
+    return MCDO[exps[0]].get(key) if exps else None
+
+
+def experiment_caption(wildcards):
+    """The caption text of an experiment's own figure (its registry entry names the file)."""
+    return Path(workflow.basedir, "report", mcdo_registry.EXPERIMENTS[wildcards.exp].caption).read_text().strip()
+
+
 def run_pixels(wildcards):
-    """exp2 runs on natural + synthetic images; every other experiment on the natural ones."""
-    sub = "synthetic/" if wildcards.exp == "exp2" else ""
+    """The pixel file of the wildcard's experiment: natural, or natural + synthetic."""
+    sub = "synthetic/" if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels == "synthetic" else ""
     return f"{RESULTS}/pixels/{sub}{PREPROC_OF[wildcards.model]}.h5"
 
 
@@ -199,37 +199,29 @@ def model_summaries(wildcards):
 
 def exp_outputs(exp):
     """The files that complete one experiment: summaries and figures."""
-    models = MCDO[exp]["models"]
-    out = expand("{r}/mcdo/{exp}/{model}/summary.json", r=RESULTS, exp=exp, model=models)
-    fig = f"{RESULTS}/figures/mcdo/{exp}"
-    if exp == "exp0":
-        out += [f"{RESULTS}/mcdo/exp0/overall_summary.json", f"{fig}_scores.png"]
-        out += expand("{fig}_reliability_{model}.png", fig=fig, model=models)
-    elif exp == "convergence":
-        out += [f"{RESULTS}/mcdo/convergence/overall_summary.json"]
-        out += expand("{fig}_{model}.png", fig=fig, model=models)
-    elif exp == "exp0b":
-        out += [f"{fig}_geometry.png"]
-    elif exp in ("exp5_subset", "exp5_full"):
-        out += [f"{RESULTS}/mcdo/{exp}/{exp}_overall_summary.json"]
-        out += expand("{fig}_ambiguity_{model}.png", fig=fig, model=models)
-    else:  # exp1, exp2, exp3, exp4_*: one figure per model
-        out += expand("{fig}_{model}.png", fig=fig, model=models)
-    return out
+    return mcdo_registry.outputs(RESULTS, mcdo_registry.EXPERIMENTS[exp], MCDO[exp]["models"])
 
 
 def exp0_targets():
-    return exp_outputs("exp0")
+    return exp_outputs(GATE_INPUT)
 
 
 def phase1_targets():
     return [t for e in PHASE1 for t in exp_outputs(e)] + [f"{RESULTS}/mcdo/gate.json"]
 
 
+def gate_input(wildcards=None):
+    return f"{RESULTS}/mcdo/{GATE_INPUT}/overall_summary.json"
+
+
+def sweep_input(wildcards=None):
+    return f"{RESULTS}/mcdo/{SWEEP}/overall_summary.json"
+
+
 def final_gate(wildcards):
-    """gate.json, or the gate after the convergence sweep when the first gate asked for one."""
+    """gate.json, or the gate after the sweep when the first gate asked for one."""
     gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
-    if gate["decision"] == "convergence_sweep" and not gate["run_phase2"] and "convergence" in MCDO:
+    if gate["decision"] == "convergence_sweep" and not gate["run_phase2"] and SWEEP in MCDO:
         return checkpoints.mcdo_gate_sweep.get(run=RUN).output[0]
     return f"{RESULTS}/mcdo/gate.json"
 
@@ -238,8 +230,8 @@ def phase2_targets(wildcards):
     """Data-dependent: Phase 2 enters the DAG only when the gate (or the config's force flag) says so."""
     gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
     targets = [f"{RESULTS}/mcdo/gate.json"]
-    if gate["decision"] == "convergence_sweep" and "convergence" in MCDO:
-        targets += exp_outputs("convergence")
+    if gate["decision"] == "convergence_sweep":
+        targets += [t for e in SWEEPS for t in exp_outputs(e)]
     final = read_json(final_gate(wildcards))
     if final["run_phase2"]:
         targets += [t for e in PHASE2 for t in exp_outputs(e)]
@@ -310,9 +302,49 @@ def grounding_dataset(wildcards=None):
     return [cc["refs"], cc["instances"]]
 
 
-def grounding_indices_file(wildcards=None):
-    """A saved subset to reuse (grounding.subset.indices), or nothing."""
-    return [GROUNDING["subset"]["indices"]] if GROUNDING["subset"]["indices"] else []
+def grounding_subset_cfg(name):
+    """A named subset's settings (n, seed, allocation, indices, perturbations): subset or threshold_subset."""
+    if name == GSUBSET:
+        return {**GROUNDING["subset"], "perturbations": GROUNDING["perturbations"]}
+    if name == GTSUBSET:
+        return GROUNDING["threshold_subset"]
+    known = [n for n in (GSUBSET, GTSUBSET) if n]
+    raise ValueError(f"grounding: no subset named {name!r} in config (configured: {known})")
+
+
+def grounding_indices_file(wildcards):
+    """A saved subset to reuse (the subset's `indices`), or nothing."""
+    indices = grounding_subset_cfg(wildcards.subset)["indices"]
+    return [indices] if indices else []
+
+
+def grounding_exclude_file(wildcards):
+    """The threshold subset, which the validation subset is drawn apart from (disjoint)."""
+    if GTSUBSET and wildcards.subset == GSUBSET:
+        return [f"{RESULTS}/grounding/subsets/{GTSUBSET}.json"]
+    return []
+
+
+def grounding_thresholds_input(wildcards):
+    """The thresholds.json a subset is classified with: the threshold subset's (out-of-sample) or its own."""
+    chosen_on = GTSUBSET if GTSUBSET and wildcards.subset == GSUBSET else wildcards.subset
+    return f"{RESULTS}/grounding/{chosen_on}/thresholds.json"
+
+
+def grounding_predict_after(wildcards):
+    """The validation subset's requests start after the threshold subset's: one job at a time talks to
+    the VLM server (vlm.concurrency holds per job) and opens the response cache (two jobs creating
+    the SQLite cache at once fail with 'database is locked')."""
+    if GTSUBSET and wildcards.subset == GSUBSET:
+        return [f"{RESULTS}/grounding/{GTSUBSET}/vlm_stats.json"]
+    return []
+
+
+def grounding_own_thresholds(wildcards):
+    """A subset's own thresholds.json when it is classified out-of-sample (its in-sample rates beside)."""
+    if GTSUBSET and wildcards.subset == GSUBSET:
+        return [f"{RESULTS}/grounding/{wildcards.subset}/thresholds.json"]
+    return []
 
 
 def grounding_sim_metadata(wildcards=None):
@@ -332,17 +364,26 @@ def grounding_drift_input(wildcards):
 
 
 def grounding_targets():
-    out = f"{RESULTS}/grounding/{GSUBSET}"
-    return [
-        f"{RESULTS}/grounding/subsets/{GSUBSET}.json",
-        f"{out}/predictions.parquet",
-        f"{out}/ious.parquet",
-        f"{out}/thresholds.json",
-        f"{out}/boundary.json",
-        f"{out}/figures/validation.png",
-        f"{out}/figures/thresholds.png",
-        f"{out}/figures/timing.png",
-    ]
+    targets = []
+    for name in (GTSUBSET, GSUBSET):
+        if not name:
+            continue
+        out = f"{RESULTS}/grounding/{name}"
+        targets += [
+            f"{RESULTS}/grounding/subsets/{name}.json",
+            f"{out}/predictions.parquet",
+            f"{out}/ious.parquet",
+            f"{out}/thresholds.json",
+            f"{out}/boundary.json",
+            f"{out}/figures/validation.png",
+            f"{out}/figures/thresholds.png",
+            f"{out}/figures/timing.png",
+            f"{out}/tables/thresholds.html",
+            f"{out}/tables/boundary.html",
+            f"{out}/tables/checks.html",
+        ]
+    targets.append(f"{RESULTS}/grounding/{GSUBSET}/tables/in_vs_out_of_sample.html")
+    return targets
 
 
 def static_targets():
@@ -357,3 +398,83 @@ def static_targets():
 
 def gated_targets(wildcards):
     return phase2_targets(wildcards) if "mcdo" in config["chains"] else []
+
+
+# ---- anomaly ----------------------------------------------------------------------------------------
+# Where the anomaly chain's inputs come from is decided once, here, from anomaly.source:
+#   logits                        - anomaly.logits: HDF5 logits + labels per split made elsewhere (no
+#                                   model here, so HEAT falls back to the energy score)
+#   demo | images | streethazards - images + labels per split (generated, anomaly.images, or imported
+#                                   from the published layout); logits from the model run here
+ANOMALY = config["anomaly"]
+ANOMALY_HAS_MODEL = ANOMALY["source"] != "logits"
+ANOMALY_LOGITS = ANOMALY["logits"] if not ANOMALY_HAS_MODEL else "results/{run}/anomaly/logits/{split}.h5"
+ANOMALY_DATA = {
+    "demo": "results/{run}/anomaly/data/{split}.h5",
+    "streethazards": "results/{run}/anomaly/streethazards/{split}.h5",
+    "images": ANOMALY["images"],
+    "logits": None,
+}[ANOMALY["source"]]
+
+
+def _anomaly_path(pattern, wildcards, split):
+    return pattern.replace("{run}", wildcards.run).replace("{split}", split)
+
+
+def anomaly_logits(split=None):
+    """Input function: the logits file of `split` (default: the rule's {split} wildcard)."""
+
+    def inner(wildcards):
+        return _anomaly_path(ANOMALY_LOGITS, wildcards, split or wildcards.split)
+
+    return inner
+
+
+def anomaly_data(wildcards):
+    """Images + labels of the rule's {split}, for the model run here."""
+    return _anomaly_path(ANOMALY_DATA, wildcards, wildcards.split)
+
+
+def anomaly_checkpoint(wildcards):
+    if ANOMALY["source"] == "demo":
+        return f"results/{wildcards.run}/anomaly/model/segnet.safetensors"
+    return ANOMALY["model"]["checkpoint"] or []
+
+
+def anomaly_subsampling_methods():
+    return ANOMALY["subsampling"]["methods"] or ANOMALY["methods"]
+
+
+def anomaly_sml(methods):
+    """Input function: the SML statistics when `methods` has sml."""
+
+    def inner(wildcards):
+        return f"results/{wildcards.run}/anomaly/sml_stats.json" if "sml" in methods else []
+
+    return inner
+
+
+def anomaly_heat_stats(wildcards):
+    """HEAT's feature statistics for the test logits when HEAT is scored and a model runs here."""
+    wanted = "heat" in ANOMALY["methods"] + anomaly_subsampling_methods()
+    if wildcards.split == "test" and wanted and ANOMALY_HAS_MODEL:
+        return f"results/{wildcards.run}/anomaly/heat/feature_stats.safetensors"
+    return []
+
+
+def anomaly_heat_stats_data(wildcards):
+    return _anomaly_path(ANOMALY_DATA, wildcards, ANOMALY["heat"]["stats_split"])
+
+
+def anomaly_classification_logits(split):
+    """Input function: per-image logits of `split` (val only when sml is scored)."""
+
+    def inner(wildcards):
+        cl = ANOMALY["classification"]
+        if split == "val" and "sml" not in ANOMALY["methods"]:
+            return []
+        if cl["source"] == "file":
+            return cl["logits"].replace("{split}", split)
+        return f"results/{wildcards.run}/anomaly/classification/image_logits_{split}.h5"
+
+    return inner

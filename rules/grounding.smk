@@ -7,7 +7,11 @@
 #   parquet - the Hugging Face RefCOCO parquet layout (lmms-lab/RefCOCO val)
 #   classic - refs(unc).p + instances.json + COCO images
 # Paths: results/{run}/grounding/subsets/{subset}.json (the named subset, as indices) and
-# results/{run}/grounding/{subset}/... for everything computed on it.
+# results/{run}/grounding/{subset}/... for everything computed on it (its grid included).
+# Two named subsets (config grounding.threshold_subset and grounding.subset): thresholds are chosen on
+# the threshold subset (seed 001: 51 x 5x5); the validation subset (seed 000: 99 others x 10x10) is
+# drawn disjoint from it and its boundary.json, tables and figures read the threshold subset's
+# thresholds.json (out-of-sample), with its own optimum's rates beside (in-sample, optimistic).
 
 
 rule grounding_demo_data:
@@ -33,13 +37,16 @@ rule grounding_subset:
     input:
         dataset=grounding_dataset,
         indices=grounding_indices_file,
+        exclude=grounding_exclude_file,
     output:
         "results/{run}/grounding/subsets/{subset}.json",
+    wildcard_constraints:
+        subset=re.escape(GSUBSET),
     params:
         data=GDATA,
-        n=GROUNDING["subset"]["n"],
-        seed=GROUNDING["subset"]["seed"],
-        allocation=GROUNDING["subset"]["allocation"],
+        n=lambda wildcards: grounding_subset_cfg(wildcards.subset)["n"],
+        seed=lambda wildcards: grounding_subset_cfg(wildcards.subset)["seed"],
+        allocation=lambda wildcards: grounding_subset_cfg(wildcards.subset)["allocation"],
         difficulty=GROUNDING["difficulty"],
     log:
         "results/{run}/logs/grounding/subset_{subset}.log",
@@ -52,13 +59,23 @@ rule grounding_subset:
         "../scripts/grounding_subset.py"
 
 
+# The threshold subset: the same job without the exclusion (a rule cannot need its own output)
+use rule grounding_subset as grounding_threshold_subset with:
+    input:
+        dataset=grounding_dataset,
+        indices=grounding_indices_file,
+        exclude=[],
+    wildcard_constraints:
+        subset=re.escape(GTSUBSET) if GTSUBSET else "(?!x)x",
+
+
 rule grounding_grid:
     output:
-        "results/{run}/grounding/grid.tsv",
+        "results/{run}/grounding/{subset}/grid.tsv",
     params:
-        perturbations=GROUNDING["perturbations"],
+        perturbations=lambda wildcards: grounding_subset_cfg(wildcards.subset)["perturbations"],
     log:
-        "results/{run}/logs/grounding/grid.log",
+        "results/{run}/logs/grounding/{subset}/grid.log",
     threads: 1
     resources:
         mem_mb=500,
@@ -72,8 +89,9 @@ rule grounding_predict:
     input:
         dataset=grounding_dataset,
         subset="results/{run}/grounding/subsets/{subset}.json",
-        grid="results/{run}/grounding/grid.tsv",
+        grid="results/{run}/grounding/{subset}/grid.tsv",
         sim=grounding_sim_metadata,
+        after=grounding_predict_after,
     output:
         predictions="results/{run}/grounding/{subset}/predictions.parquet",
         stats="results/{run}/grounding/{subset}/vlm_stats.json",
@@ -103,7 +121,7 @@ rule grounding_ious:
     input:
         predictions="results/{run}/grounding/{subset}/predictions.parquet",
         subset="results/{run}/grounding/subsets/{subset}.json",
-        grid="results/{run}/grounding/grid.tsv",
+        grid="results/{run}/grounding/{subset}/grid.tsv",
     output:
         "results/{run}/grounding/{subset}/ious.parquet",
     log:
@@ -121,7 +139,7 @@ rule grounding_drift:
     input:
         predictions="results/{run}/grounding/{subset}/predictions.parquet",
         subset="results/{run}/grounding/subsets/{subset}.json",
-        grid="results/{run}/grounding/grid.tsv",
+        grid="results/{run}/grounding/{subset}/grid.tsv",
         dataset=grounding_dataset if GROUNDING["drift"]["region"]["enabled"] else [],
     output:
         drift="results/{run}/grounding/{subset}/drift.parquet",
@@ -176,11 +194,14 @@ rule grounding_boundary:
     input:
         ious="results/{run}/grounding/{subset}/ious.parquet",
         drift=grounding_drift_input,
-        thresholds="results/{run}/grounding/{subset}/thresholds.json",
+        thresholds=grounding_thresholds_input,
+        own_thresholds=grounding_own_thresholds,
     output:
         "results/{run}/grounding/{subset}/boundary.json",
     params:
         source=GROUNDING["boundary"]["thresholds"],
+        semantic_source=GROUNDING["boundary"]["semantic_thresholds"],
+        thresholds_subset=lambda wildcards: GTSUBSET if wildcards.subset == GSUBSET else None,
     log:
         "results/{run}/logs/grounding/{subset}/boundary.log",
     threads: 1
@@ -196,7 +217,7 @@ rule grounding_figures:
     input:
         ious="results/{run}/grounding/{subset}/ious.parquet",
         drift=grounding_drift_input,
-        thresholds="results/{run}/grounding/{subset}/thresholds.json",
+        thresholds=grounding_thresholds_input,
         boundary="results/{run}/grounding/{subset}/boundary.json",
         predictions="results/{run}/grounding/{subset}/predictions.parquet",
         stats="results/{run}/grounding/{subset}/vlm_stats.json",
@@ -205,18 +226,21 @@ rule grounding_figures:
             "results/{run}/grounding/{subset}/figures/validation.png",
             caption="../report/grounding/validation.rst",
             category="grounding",
+            subcategory="{subset}",
             labels={"figure": "validation (six panels)"},
         ),
         thresholds=report(
             "results/{run}/grounding/{subset}/figures/thresholds.png",
             caption="../report/grounding/thresholds.rst",
             category="grounding",
+            subcategory="{subset}",
             labels={"figure": "threshold comparison"},
         ),
         timing=report(
             "results/{run}/grounding/{subset}/figures/timing.png",
             caption="../report/grounding/timing.rst",
             category="grounding",
+            subcategory="{subset}",
             labels={"figure": "request timing"},
         ),
     params:
@@ -231,3 +255,64 @@ rule grounding_figures:
         "../envs/vlmrel.yaml"
     script:
         "../scripts/grounding_figures.py"
+
+
+rule grounding_tables:
+    input:
+        thresholds=grounding_thresholds_input,
+        boundary="results/{run}/grounding/{subset}/boundary.json",
+    output:
+        thresholds=report(
+            "results/{run}/grounding/{subset}/tables/thresholds.html",
+            caption="../report/grounding/thresholds_table.rst",
+            category="grounding",
+            subcategory="{subset}",
+            labels={"table": "thresholds.json"},
+        ),
+        boundary=report(
+            "results/{run}/grounding/{subset}/tables/boundary.html",
+            caption="../report/grounding/boundary_table.rst",
+            category="grounding",
+            subcategory="{subset}",
+            labels={"table": "boundary.json"},
+        ),
+        checks=report(
+            "results/{run}/grounding/{subset}/tables/checks.html",
+            caption="../report/grounding/checks_table.rst",
+            category="grounding",
+            subcategory="{subset}",
+            labels={"table": "the seeds' checks"},
+        ),
+    log:
+        "results/{run}/logs/grounding/{subset}/tables.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/grounding_tables.py"
+
+
+rule grounding_in_vs_out:
+    input:
+        validation=f"results/{{run}}/grounding/{GSUBSET}/boundary.json",
+        threshold=[f"results/{{run}}/grounding/{GTSUBSET}/boundary.json"] if GTSUBSET else [],
+        subsets=[f"results/{{run}}/grounding/subsets/{n}.json" for n in (GTSUBSET, GSUBSET) if n],
+    output:
+        json=f"results/{{run}}/grounding/{GSUBSET}/in_vs_out_of_sample.json",
+        html=report(
+            f"results/{{run}}/grounding/{GSUBSET}/tables/in_vs_out_of_sample.html",
+            caption="../report/grounding/in_vs_out.rst",
+            category="grounding",
+            labels={"table": "in-sample vs out-of-sample"},
+        ),
+    log:
+        "results/{run}/logs/grounding/in_vs_out.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/grounding_in_vs_out.py"

@@ -1,5 +1,7 @@
 # mcdo (seed 002): pixels -> MC-dropout trials -> reliability summaries -> gate -> Phase 2 -> figures
 #
+# One rule per kind of job; which experiment each job serves, and how, comes from the registry
+# (src/vlmrel/mcdo/registry.py) through the input functions and constraints of common.smk.
 # Paths: results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/trial{k}.npz (traces) or geometry{k}.npz
 # (per-image covariance geometry of the same passes); {kind} is the dropout kind.
 
@@ -10,7 +12,7 @@ rule mcdo_trial:
     output:
         "results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/trial{k}.npz",
     wildcard_constraints:
-        exp="|".join(TRIAL_EXPS),
+        exp=exps_where(job="trials"),
     params:
         seed=MCDO["seed"],
         T=exp_T,
@@ -18,7 +20,7 @@ rule mcdo_trial:
         batch_size=MCDO["batch_size"],
         num_images=exp_num_images,
         device=config["device"],
-        geometry=False,
+        geometry=exp_is_geometry,
     log:
         "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/trial{k}.log",
     benchmark:
@@ -37,15 +39,7 @@ use rule mcdo_trial as mcdo_geometry with:
     output:
         "results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/geometry{k}.npz",
     wildcard_constraints:
-        exp="|".join(GEOMETRY_EXPS),
-    params:
-        seed=MCDO["seed"],
-        T=exp_T,
-        precision=MCDO["precision"],
-        batch_size=MCDO["batch_size"],
-        num_images=exp_num_images,
-        device=config["device"],
-        geometry=True,
+        exp=exps_where(job="geometry"),
     log:
         "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/geometry{k}.log",
     benchmark:
@@ -62,10 +56,10 @@ rule pixels_synthetic:
         root=image_root,
         spec=preproc_spec,
         seed=MCDO["seed"],
-        kinds=MCDO.get("exp2", {}).get("kinds"),
-        blur_frac=MCDO.get("exp2", {}).get("blur_frac"),
-        shuffle_grid=MCDO.get("exp2", {}).get("shuffle_grid"),
-        num_images=MCDO.get("exp2", {}).get("num_images"),
+        kinds=synthetic_setting("kinds"),
+        blur_frac=synthetic_setting("blur_frac"),
+        shuffle_grid=synthetic_setting("shuffle_grid"),
+        num_images=synthetic_setting("num_images"),
     log:
         "results/{run}/logs/pixels/synthetic/{preproc}.log",
     threads: 1
@@ -82,11 +76,11 @@ rule pixels_synthetic:
 
 rule mcdo_summary:
     input:
-        trial_files,
+        run_files,
     output:
         "results/{run}/mcdo/{exp}/{model}/summary.json",
     wildcard_constraints:
-        exp="exp0|convergence",
+        exp=exps_where(summary="reliability"),
     params:
         p=exp_rate,
         tol=exp_setting("tol"),
@@ -101,6 +95,13 @@ rule mcdo_summary:
         "../scripts/mcdo_summary.py"
 
 
+use rule mcdo_summary as mcdo_experiment_summary with:
+    wildcard_constraints:
+        exp=exps_where(summary="analysis"),
+    params:
+        arms=arms_param,
+
+
 rule mcdo_overall:
     input:
         model_summaries,
@@ -112,7 +113,7 @@ rule mcdo_overall:
             subcategory="{exp}",
         ),
     wildcard_constraints:
-        exp="exp0|convergence",
+        exp=exps_where(summary="reliability"),
     log:
         "results/{run}/logs/mcdo/{exp}/overall_summary.log",
     threads: 1
@@ -124,40 +125,15 @@ rule mcdo_overall:
         "../scripts/mcdo_overall.py"
 
 
-rule mcdo_geometry_summary:
-    input:
-        geometry_files,
-    output:
-        "results/{run}/mcdo/{exp}/{model}/summary.json",
-    wildcard_constraints:
-        exp="|".join(GEOMETRY_EXPS),
-    log:
-        "results/{run}/logs/mcdo/{exp}/{model}/summary.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-    conda:
-        "../envs/vlmrel.yaml"
-    script:
-        "../scripts/mcdo_experiment_summary.py"
-
-
-use rule mcdo_geometry_summary as mcdo_group_summary with:
-    input:
-        unpack(trial_groups),
-    wildcard_constraints:
-        exp="exp1|exp2|exp3",
-
-
 rule mcdo_ambiguity:
     input:
-        trials=trial_files,
+        trials=run_files,
         pixels=pixels_for_model,
     output:
         summary="results/{run}/mcdo/{exp}/{model}/summary.json",
         per_image="results/{run}/mcdo/{exp}/{model}/per_image.tsv",
     wildcard_constraints:
-        exp="exp5_subset|exp5_full",
+        exp=exps_where(summary="ambiguity"),
     params:
         class_names=exp_setting("class_names"),
         prompt_template=exp_setting("prompt_template"),
@@ -188,7 +164,7 @@ rule mcdo_ambiguity_overall:
             subcategory="{exp}",
         ),
     wildcard_constraints:
-        exp="exp5_subset|exp5_full",
+        exp=exps_where(summary="ambiguity"),
     params:
         settings=exp_settings,
     log:
@@ -199,7 +175,7 @@ rule mcdo_ambiguity_overall:
     conda:
         "../envs/vlmrel.yaml"
     script:
-        "../scripts/mcdo_ambiguity_overall.py"
+        "../scripts/mcdo_overall.py"
 
 
 # ---- the go/no-go gate (seed 002, section 6) --------------------------------------------------
@@ -207,7 +183,7 @@ rule mcdo_ambiguity_overall:
 
 checkpoint mcdo_gate:
     input:
-        "results/{run}/mcdo/exp0/overall_summary.json",
+        overall=gate_input,
     output:
         report(
             "results/{run}/mcdo/gate.json",
@@ -230,8 +206,8 @@ checkpoint mcdo_gate:
 
 checkpoint mcdo_gate_sweep:
     input:
-        overall="results/{run}/mcdo/exp0/overall_summary.json",
-        sweep="results/{run}/mcdo/convergence/overall_summary.json",
+        overall=gate_input,
+        sweep=sweep_input,
     output:
         "results/{run}/mcdo/gate_after_sweep.json",
     params:
@@ -265,125 +241,78 @@ rule mcdo_phase2_note:
     conda:
         "../envs/vlmrel.yaml"
     script:
-        "../scripts/mcdo_phase2_note.py"
+        "../scripts/mcdo_gate.py"
 
 
-# ---- figures --------------------------------------------------------------------------------
+# ---- figures: one rule per figure kind (the registry entry's `figure`) ---------------------------
 
 
 rule mcdo_figure_reliability:
     input:
-        "results/{run}/mcdo/exp0/{model}/summary.json",
+        "results/{run}/mcdo/{exp}/{model}/summary.json",
     output:
         report(
-            "results/{run}/figures/mcdo/exp0_reliability_{model}.png",
+            "results/{run}/figures/mcdo/{exp}_reliability_{model}.png",
             caption="../report/mcdo/reliability_vs_T.rst",
             category="mcdo",
-            subcategory="exp0",
+            subcategory="{exp}",
             labels={"model": "{model}", "figure": "reliability vs T"},
         ),
+    wildcard_constraints:
+        exp=exps_where(figure="reliability"),
     params:
         dpi=config["figures"]["dpi"],
     log:
-        "results/{run}/logs/figures/mcdo/exp0_reliability_{model}.log",
+        "results/{run}/logs/figures/mcdo/{exp}_reliability_{model}.log",
     threads: 1
     resources:
         mem_mb=1000,
     conda:
         "../envs/vlmrel.yaml"
     script:
-        "../scripts/mcdo_figure_reliability.py"
+        "../scripts/mcdo_figure.py"
 
 
 rule mcdo_figure_scores:
     input:
-        unpack(trials_by_model),
+        unpack(runs_by_model),
     output:
         report(
-            "results/{run}/figures/mcdo/exp0_scores.png",
+            "results/{run}/figures/mcdo/{exp}_scores.png",
             caption="../report/mcdo/scores.rst",
             category="mcdo",
-            subcategory="exp0",
+            subcategory="{exp}",
             labels={"model": "all", "figure": "score distribution"},
         ),
+    wildcard_constraints:
+        exp=exps_where(figure="reliability"),
     params:
         dpi=config["figures"]["dpi"],
-        models=MCDO["exp0"]["models"],
+        models=exp_models,
     log:
-        "results/{run}/logs/figures/mcdo/exp0_scores.log",
+        "results/{run}/logs/figures/mcdo/{exp}_scores.log",
     threads: 1
     resources:
         mem_mb=1000,
     conda:
         "../envs/vlmrel.yaml"
     script:
-        "../scripts/mcdo_figure_scores.py"
+        "../scripts/mcdo_figure.py"
 
 
 rule mcdo_figure_convergence:
     input:
-        "results/{run}/mcdo/convergence/{model}/summary.json",
-    output:
-        report(
-            "results/{run}/figures/mcdo/convergence_{model}.png",
-            caption="../report/mcdo/convergence.rst",
-            category="mcdo",
-            subcategory="convergence",
-            labels={"model": "{model}", "figure": "convergence sweep"},
-        ),
-    params:
-        dpi=config["figures"]["dpi"],
-    log:
-        "results/{run}/logs/figures/mcdo/convergence_{model}.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-    conda:
-        "../envs/vlmrel.yaml"
-    script:
-        "../scripts/mcdo_figure_experiment.py"
-
-
-rule mcdo_figure_geometry:
-    input:
-        unpack(geometry_by_model),
-    output:
-        report(
-            "results/{run}/figures/mcdo/{exp}_geometry.png",
-            caption="../report/mcdo/geometry.rst",
-            category="mcdo",
-            subcategory="{exp}",
-            labels={"model": "all", "figure": "covariance geometry"},
-        ),
-    wildcard_constraints:
-        exp="exp0b",
-    params:
-        dpi=config["figures"]["dpi"],
-    log:
-        "results/{run}/logs/figures/mcdo/{exp}_geometry.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-    conda:
-        "../envs/vlmrel.yaml"
-    script:
-        "../scripts/mcdo_figure_experiment.py"
-
-
-rule mcdo_figure_experiment:
-    input:
-        summary="results/{run}/mcdo/{exp}/{model}/summary.json",
-        runs=figure_runs,
+        "results/{run}/mcdo/{exp}/{model}/summary.json",
     output:
         report(
             "results/{run}/figures/mcdo/{exp}_{model}.png",
-            caption="../report/mcdo/experiment.rst",
+            caption="../report/mcdo/sweep.rst",
             category="mcdo",
             subcategory="{exp}",
-            labels={"model": "{model}", "figure": "{exp}"},
+            labels={"model": "{model}", "figure": "sweep: reliability against T"},
         ),
     wildcard_constraints:
-        exp="exp1|exp2|exp3|exp4_subset|exp4_full",
+        exp=exps_where(figure="knee"),
     params:
         dpi=config["figures"]["dpi"],
     log:
@@ -394,7 +323,63 @@ rule mcdo_figure_experiment:
     conda:
         "../envs/vlmrel.yaml"
     script:
-        "../scripts/mcdo_figure_experiment.py"
+        "../scripts/mcdo_figure.py"
+
+
+rule mcdo_figure_geometry:
+    input:
+        unpack(runs_by_model),
+    output:
+        report(
+            "results/{run}/figures/mcdo/{exp}_geometry.png",
+            caption="../report/mcdo/geometry.rst",
+            category="mcdo",
+            subcategory="{exp}",
+            labels={"model": "all", "figure": "covariance geometry"},
+        ),
+    wildcard_constraints:
+        exp=exps_where(figure="geometry"),
+    params:
+        dpi=config["figures"]["dpi"],
+        models=exp_models,
+    log:
+        "results/{run}/logs/figures/mcdo/{exp}_geometry.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_figure.py"
+
+
+rule mcdo_figure_experiment:
+    input:
+        summary="results/{run}/mcdo/{exp}/{model}/summary.json",
+        runs=run_files,
+    output:
+        report(
+            "results/{run}/figures/mcdo/{exp}_{model}.png",
+            caption="../report/mcdo/experiment.rst",
+            category="mcdo",
+            subcategory="{exp}",
+            labels={"model": "{model}", "figure": "{exp}"},
+        ),
+    wildcard_constraints:
+        exp=exps_where(figure="experiment"),
+    params:
+        dpi=config["figures"]["dpi"],
+        arms=arms_param,
+        caption=experiment_caption,
+    log:
+        "results/{run}/logs/figures/mcdo/{exp}_{model}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_figure.py"
 
 
 rule mcdo_figure_ambiguity:
@@ -410,7 +395,7 @@ rule mcdo_figure_ambiguity:
             labels={"model": "{model}", "figure": "ambiguity"},
         ),
     wildcard_constraints:
-        exp="exp5_subset|exp5_full",
+        exp=exps_where(figure="ambiguity"),
     params:
         dpi=config["figures"]["dpi"],
     log:
@@ -421,4 +406,4 @@ rule mcdo_figure_ambiguity:
     conda:
         "../envs/vlmrel.yaml"
     script:
-        "../scripts/mcdo_figure_experiment.py"
+        "../scripts/mcdo_figure.py"

@@ -1,4 +1,4 @@
-"""Exact pooled and per-image metrics of every score over every test pixel (streamed)."""
+"""Exact pooled and per-image metrics of every score over every test pixel (streamed), and the mIoU."""
 
 from vlmrel.anomaly import pipeline
 from vlmrel.logs import setup_job_log
@@ -16,4 +16,6 @@ pipeline.evaluate(
     temperature=p.temperature,
     tpr_level=p.tpr_level,
     max_block_mb=p.max_block_mb,
+    max_refine_mb=p.max_refine_mb,
+    heat=p.heat,
 )

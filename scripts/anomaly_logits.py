@@ -1,4 +1,7 @@
-"""Segmentation logits [N, C, H, W] of one split from the configured network and checkpoint."""
+"""Segmentation logits [N, C, H, W] of one split from the configured network and checkpoint.
+
+With HEAT statistics as input, also each image's Mahalanobis map (``mahalanobis`` [N, H, W]).
+"""
 
 from vlmrel.anomaly import pipeline
 from vlmrel.logs import setup_job_log
@@ -17,4 +20,5 @@ pipeline.logits(
     dtype=p.dtype,
     device=p.device,
     threads=snakemake.threads,
+    heat_stats=snakemake.input.get("heat_stats") or None,
 )

@@ -18,4 +18,5 @@ pipeline.subsampling(
     temperature=p.temperature,
     tpr_level=p.tpr_level,
     max_block_mb=p.max_block_mb,
+    heat=p.heat,
 )

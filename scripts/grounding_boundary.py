@@ -1,4 +1,4 @@
-"""boundary.json: boundary samples under both definitions, severity, rates by difficulty, Spearman."""
+"""boundary.json: geometric (both definitions) and semantic boundary samples, overlap, the seeds' checks."""
 
 from vlmrel.grounding.pipeline import compute_boundary
 from vlmrel.logs import setup_job_log
@@ -10,4 +10,8 @@ compute_boundary(
     snakemake.input.thresholds,
     snakemake.output[0],
     source=snakemake.params.source,
+    semantic_source=snakemake.params.semantic_source,
+    own_thresholds=snakemake.input.own_thresholds[0] if snakemake.input.own_thresholds else None,
+    thresholds_subset=snakemake.params.thresholds_subset,
+    subset=snakemake.wildcards.subset,
 )

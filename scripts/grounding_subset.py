@@ -17,4 +17,5 @@ make_subset(
     thresholds=p.difficulty,
     expression_index=p.data["expression_index"],
     indices_file=snakemake.input.indices[0] if snakemake.input.indices else None,
+    exclude_file=snakemake.input.exclude[0] if snakemake.input.exclude else None,
 )

@@ -1,9 +1,9 @@
-"""exp5 for one model: MC-dropout uncertainty against zero-shot ambiguity (entropy, margin)."""
+"""Ambiguity for one model: MC-dropout uncertainty against zero-shot ambiguity (entropy, margin)."""
 
 import torch
 
 from vlmrel.logs import setup_job_log
-from vlmrel.phases import ambiguity
+from vlmrel.mcdo.pipeline import ambiguity
 
 log = setup_job_log(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

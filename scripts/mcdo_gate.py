@@ -1,11 +1,13 @@
-"""The go/no-go gate (seed 002, section 6): after exp0, or after the convergence sweep."""
+"""The go/no-go gate (seed 002, section 6): after Phase 1, or after the sweep it asked for; and the
+negative-result note written instead of the later phases when it says stop."""
 
 from vlmrel.logs import setup_job_log
-from vlmrel.phases import gate
+from vlmrel.mcdo import pipeline
 
-log = setup_job_log(snakemake.log[0])
+setup_job_log(snakemake.log[0])
 inputs = snakemake.input
-overall = inputs.overall if "overall" in inputs.keys() else inputs[0]
-sweep = inputs.sweep if "sweep" in inputs.keys() else None
-decision = gate(overall, snakemake.output[0], force=snakemake.params.force, sweep_path=sweep)
-log.info("gate: %s (run Phase 2: %s)", decision["decision"], decision["run_phase2"])
+if snakemake.rule == "mcdo_phase2_note":
+    pipeline.phase_note(inputs[0], snakemake.output[0])
+else:
+    sweep = inputs.sweep if "sweep" in inputs.keys() else None
+    pipeline.gate(inputs.overall, snakemake.output[0], force=snakemake.params.force, sweep_path=sweep)

@@ -1,10 +1,15 @@
-"""exp0's overall summary over models: the input of the go/no-go gate."""
+"""An experiment's overall summary over models: reliability (the gate reads one) or ambiguity."""
 
-from vlmrel.io import read_json, write_json
 from vlmrel.logs import setup_job_log
-from vlmrel.summary import overall_summary
+from vlmrel.mcdo import pipeline
 
-log = setup_job_log(snakemake.log[0])
-overall = overall_summary([read_json(path) for path in snakemake.input])
-write_json(snakemake.output[0], overall)
-log.info("exp0 overall best status: %s", overall["best_status"])
+setup_job_log(snakemake.log[0])
+if snakemake.rule == "mcdo_overall":
+    pipeline.reliability_overall(list(snakemake.input), snakemake.output[0])
+else:
+    pipeline.ambiguity_overall(
+        list(snakemake.input),
+        snakemake.output[0],
+        exp=snakemake.wildcards.exp,
+        settings=snakemake.params.settings,
+    )

@@ -1,7 +1,7 @@
-"""exp2's pixel file: natural images and their synthetic versions (noise, flat colour, blur, shuffled patches)."""
+"""Pixels of natural images and their synthetic versions (noise, flat colour, blur, shuffled patches)."""
 
 from vlmrel.logs import setup_job_log
-from vlmrel.phases import write_synthetic_pixels
+from vlmrel.mcdo.pipeline import write_synthetic_pixels
 
 setup_job_log(snakemake.log[0])
 p = snakemake.params

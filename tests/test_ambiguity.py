@@ -6,7 +6,7 @@ from scipy.special import expit, softmax
 from scipy.stats import entropy as scipy_entropy
 from scipy.stats import mannwhitneyu, spearmanr
 
-from vlmrel.ambiguity import (
+from vlmrel.mcdo.ambiguity import (
     DEMO_CLASS_NAMES,
     ambiguity_stats,
     entropy,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp, softmax
 
-from vlmrel.anomaly.scores import METHODS, SMLStats, SMLStatsAccumulator, compute_scores
+from vlmrel.anomaly.scores import STATELESS, SMLStats, SMLStatsAccumulator, compute_scores
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def logits():
 def test_scores_against_direct_formulas(logits):
     C = logits.shape[0]
     stats = SMLStats(np.linspace(1, 2, C), np.linspace(0.5, 1.5, C), np.full(C, 10))
-    got = compute_scores(logits, METHODS, axis=0, temperature=2.5, sml=stats)
+    got = compute_scores(logits, STATELESS, axis=0, temperature=2.5, sml=stats)
     p = softmax(logits, axis=0)
     k = logits.argmax(axis=0)
     np.testing.assert_allclose(got["msp"], -p.max(axis=0), rtol=1e-12)
@@ -48,9 +48,9 @@ def test_sign_convention_higher_is_more_anomalous():
     confident = np.array([10.0, 0.0, 0.0, 0.0])[:, None]
     unsure = np.array([1.0, 0.9, 0.8, 0.7])[:, None]
     stats = SMLStats(np.zeros(4), np.ones(4), np.full(4, 5))
-    a = compute_scores(confident, METHODS, sml=stats)
-    b = compute_scores(unsure, METHODS, sml=stats)
-    for m in METHODS:
+    a = compute_scores(confident, STATELESS, sml=stats)
+    b = compute_scores(unsure, STATELESS, sml=stats)
+    for m in STATELESS:
         assert b[m][0] > a[m][0], m
 
 

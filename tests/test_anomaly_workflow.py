@@ -28,13 +28,23 @@ def test_demo_anomaly_chain_end_to_end(tmp_path):
         assert q["n_images_used"] + q["n_images_no_anomaly"] + q["n_images_no_normal"] == q["n_images"]
     table = pd.read_csv(out / "comparison.csv")
     assert list(table["method"]) == an["methods"]
+    # HEAT ran on the tiny net's features (no fallback) and has its row; the producer's mIoU is reported
+    assert "heat" in an["methods"] and metrics["heat"]["fallback"] is None
+    assert (out / "heat" / "feature_stats.safetensors").stat().st_size > 0
+    seg = metrics["segmentation"]
+    assert 0.3 < seg["miou"] <= 1.0 and seg["n_pixels"] > 0
+    assert (table["producer_miou"] - seg["miou"]).abs().max() < 1e-9
+    assert "producer mIoU" in (out / "comparison.md").read_text()
+    # float32 scores: pooled metrics exact for the scores themselves
+    assert all(metrics["pooled"][m]["quantization"]["exact"] for m in an["methods"])
     sub = pd.read_csv(out / "subsampling.tsv", sep="\t")
     full = sub[sub["ratio"] == 1.0]
     assert (full["auroc_mean"] - full["auroc_exact"]).abs().max() < 1e-12
     for fig in ("roc_pr", "threshold_sensitivity", "subsampling"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 10_000
     if an.get("classification", {}).get("source", "none") != "none":
-        assert json.loads((out / "classification" / "metrics.json").read_text())["methods"] == an["methods"]
+        got = json.loads((out / "classification" / "metrics.json").read_text())
+        assert got["methods"] == [m for m in an["methods"] if m != "heat"]  # HEAT is a pixel-map score
     # nothing left to do on a second run
     again = snakemake(tmp_path, tmp_path / "c.yaml", "anomaly", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -1,10 +1,10 @@
-"""The go/no-go gate on real exp0 summaries (vlmrel.summary), the note and the convergence knee."""
+"""The go/no-go gate on real exp0 summaries (vlmrel.mcdo.reliability), the note and the convergence knee."""
 
 import numpy as np
 import pytest
 
-from vlmrel.gate import convergence_summary, decide_gate, knee, negative_result_note
-from vlmrel.summary import Trials, model_summary, overall_summary
+from vlmrel.mcdo.gate import convergence_summary, decide_gate, knee, negative_result_note
+from vlmrel.mcdo.reliability import Trials, model_summary, overall_summary
 
 T_LIST = [4, 8, 16]
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vlmrel.geometry import (
+from vlmrel.mcdo.geometry import (
     GEOMETRY_KEYS,
     GeometryAccumulator,
     GeometryCollector,
@@ -12,7 +12,7 @@ from vlmrel.geometry import (
     load_geometry,
     save_geometry,
 )
-from vlmrel.reliability import reliability
+from vlmrel.mcdo.reliability import reliability
 
 
 def _passes(seed: int, t: int, b: int, d: int, noise: float = 0.05, correlated: bool = True) -> np.ndarray:

@@ -97,6 +97,25 @@ def test_reused_subset_gives_the_same_indices(demo, tmp_path):
     assert again["sample_ids"] == subset["sample_ids"]
 
 
+def test_validation_subset_is_drawn_disjoint_from_the_threshold_subset(demo, tmp_path):
+    root, subset, _ = demo  # s6: the threshold subset here
+    samples = gp.load_samples({"source": "demo"}, str(root / "demo.parquet"), keep_images=False)
+    other = gp.make_subset(
+        samples, str(tmp_path / "v.json"), name="v", n=6, seed=1, allocation="equal",
+        thresholds=(0.05, 0.2), exclude_file=str(root / "s6.json"),
+    )  # fmt: skip
+    assert len(other["indices"]) == 6 and not set(other["indices"]) & set(subset["indices"])
+    assert other["disjoint_from"] == "s6"
+    # a reused subset that shares samples with the threshold subset is refused
+    npy = tmp_path / "overlap.npy"
+    np.save(npy, np.asarray(subset["indices"][:2] + other["indices"][:2], dtype=np.int64))
+    with pytest.raises(ValueError, match="must be disjoint"):
+        gp.make_subset(
+            samples, str(tmp_path / "bad.json"), name="bad", n=4, seed=0, allocation="equal",
+            thresholds=(0.05, 0.2), indices_file=str(npy), exclude_file=str(root / "s6.json"),
+        )  # fmt: skip
+
+
 def test_injected_failures_are_recorded_and_left_out_of_iou_statistics(demo, tmp_path):
     root, subset, grid = demo
     faults = {"malformed_json": 0.2, "schema_violation": 0.15, "http_503": 0.25}
@@ -135,6 +154,25 @@ def test_injected_failures_are_recorded_and_left_out_of_iou_statistics(demo, tmp
         source="baseline",
     )
     b = read_json(tmp_path / "b.json")
+    assert not b["out_of_sample"] and b["semantic"]["note"].startswith("no semantic drift")
+    assert {c["check"] for c in b["checks"]["items"]} >= {"iou_spread", "boundary_rate", "mi_gain"}
+    # thresholds given by hand still work, with another subset's thresholds.json in the DAG and this
+    # subset's own optimum beside
+    gp.compute_boundary(
+        str(tmp_path / "ious.parquet"), None, str(tmp_path / "t.json"), str(tmp_path / "b2.json"),
+        source=[0.4, 0.8], own_thresholds=str(tmp_path / "t.json"), thresholds_subset="other", subset="s6",
+    )  # fmt: skip
+    b2 = read_json(tmp_path / "b2.json")
+    assert b2["thresholds"]["thresholds"] == [0.4, 0.8] and b2["thresholds_source"] == "config list"
+    assert not b2["out_of_sample"] and b2["thresholds_kind"] == "given (not learned)"
+    assert "in_sample_reference" not in b2
+    gp.compute_boundary(
+        str(tmp_path / "ious.parquet"), None, str(tmp_path / "t.json"), str(tmp_path / "b3.json"),
+        source="iou_drop", own_thresholds=str(tmp_path / "t.json"), thresholds_subset="other", subset="s6",
+    )  # fmt: skip
+    b3 = read_json(tmp_path / "b3.json")
+    assert b3["out_of_sample"] and b3["thresholds_subset"] == "other"
+    assert b3["in_sample_reference"]["boundary_000"]["rate"] == b3["thresholds"]["boundary_000"]["rate"]
     n_failed = len(failed)
     assert b["failure_rate"]["n_failed"] == n_failed
     assert b["failure_rate"]["n_requests"] == len(df)

@@ -32,7 +32,10 @@ def _data(seed: int, n: int, decimals: int | None, coupled: bool):
 
 def _independent_brute(iou, sig, k, n_bins, binning):
     """Brute force written independently: every k-subset of midpoints, MI by sklearn."""
-    bins = bin_signal(sig, n_bins, binning)
+    if binning == "seed":  # notebook 02's compute_mutual_information, verbatim
+        bins = np.digitize(sig, np.linspace(sig.min(), sig.max(), n_bins))
+    else:
+        bins = bin_signal(sig, n_bins, binning)
     v = np.unique(iou)
     mids = (v[:-1] + v[1:]) / 2
     best = 0.0
@@ -43,7 +46,7 @@ def _independent_brute(iou, sig, k, n_bins, binning):
 
 
 @pytest.mark.parametrize("seed", range(8))
-@pytest.mark.parametrize("binning", ["width", "quantile"])
+@pytest.mark.parametrize("binning", ["width", "quantile", "seed"])
 def test_exact_equals_brute_force(seed, binning):
     n = [12, 18, 16, 22][seed % 4]
     decimals = [1, 2, None][seed % 3]
@@ -196,4 +199,41 @@ def test_exact_on_hundreds_of_distinct_ious(seed):
     h = float(xlogy(700, 700) - xlogy(n_b, n_b).sum())
     t, mi = optimal_thresholds(iou, sig, 3, 20)
     assert mi == pytest.approx((_reference_partition(counts, 3) + h) / 700, abs=1e-12)
+    assert mutual_info_score(iou_to_class(iou, t), bins) == pytest.approx(mi, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_bins", [2, 3, 5, 20])
+def test_seed_binning_is_np_digitize_exactly(n_bins):
+    """binning="seed" is notebook 02's np.digitize(s, linspace(min, max, n_bins)): n_bins + 1 labels,
+    label 0 empty, the maximum alone in the last."""
+    from vlmrel.grounding.thresholds import n_bin_labels
+
+    rng = np.random.default_rng(n_bins)
+    for sig in (rng.random(200), np.round(rng.normal(size=300), 1), np.full(7, 0.25), np.array([0.0, 1.0])):
+        got = bin_signal(sig, n_bins, "seed")
+        want = np.digitize(sig, np.linspace(sig.min(), sig.max(), n_bins))
+        np.testing.assert_array_equal(got, want)
+        assert got.min() >= 0 and got.max() < n_bin_labels(n_bins, "seed") == n_bins + 1
+    sig = np.array([0.0, 0.1, 0.5, 0.99, 1.0])
+    assert bin_signal(sig, 3, "seed").tolist() == [1, 1, 2, 2, 3]  # only the maximum in label 3
+    assert bin_signal(sig, 3, "width").tolist() == [0, 0, 1, 2, 2]
+    # the seed's MI for a partition, reproduced
+    iou = rng.random(5)
+    want_mi = mutual_info_score(
+        iou_to_class(iou, BASELINE_THRESHOLDS), np.digitize(sig, np.linspace(0, 1, 3))
+    )
+    assert mutual_information(iou, sig, BASELINE_THRESHOLDS, 3, "seed") == pytest.approx(want_mi, abs=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_seed_binning_exact_on_hundreds_of_distinct_ious(seed):
+    """The branch-and-bound path with binning="seed" (21 labels for n_bins=20) against the plain DP."""
+    iou, sig = _data(60 + seed, 500, None, coupled=seed == 0)
+    bins = np.digitize(sig, np.linspace(sig.min(), sig.max(), 20))
+    order = np.argsort(iou)
+    counts = np.eye(21, dtype=np.int64)[bins[order]]
+    n_b = counts.sum(0)
+    h = float(xlogy(500, 500) - xlogy(n_b, n_b).sum())
+    t, mi = optimal_thresholds(iou, sig, 3, 20, binning="seed")
+    assert mi == pytest.approx((_reference_partition(counts, 3) + h) / 500, abs=1e-12)
     assert mutual_info_score(iou_to_class(iou, t), bins) == pytest.approx(mi, abs=1e-12)

@@ -14,6 +14,12 @@ pytestmark = pytest.mark.workflow
 
 GROUNDING = {
     "data": {"source": "demo", "demo": {"n_scenes": 24, "seed": 0}},
+    "threshold_subset": {
+        "name": "demo_t9",
+        "n": 9,
+        "seed": 1,
+        "perturbations": {"brightness_contrast": {"brightness": [-0.15, 0.0, 0.15], "contrast": [0.8, 1.0, 1.2]}},
+    },
     "subset": {"name": "demo12", "n": 12, "seed": 0},
     "perturbations": {
         "brightness_contrast": {"brightness": [-0.15, 0.0, 0.15], "contrast": [0.8, 1.0, 1.2]},
@@ -45,8 +51,12 @@ def test_demo_grounding_chain_end_to_end(tmp_path):
     subset = json.loads((root / "subsets" / "demo12.json").read_text())
     assert subset["name"] == "demo12" and len(subset["indices"]) == 12
     assert subset["difficulty_counts"] == {"easy": 4, "medium": 4, "hard": 4}
+    tsub = json.loads((root / "subsets" / "demo_t9.json").read_text())
+    assert len(tsub["indices"]) == 9 and not set(tsub["indices"]) & set(subset["indices"])  # disjoint
+    assert subset["disjoint_from"] == "demo_t9"
+    assert len(pd.read_csv(root / "demo_t9" / "grid.tsv", sep="\t")) == 9
 
-    grid = pd.read_csv(root / "grid.tsv", sep="\t")
+    grid = pd.read_csv(out / "grid.tsv", sep="\t")
     assert len(grid) == 9 + 3 and grid["id"].is_unique
     assert {"id", "family", "params", "magnitude"} <= set(grid.columns)
 
@@ -83,7 +93,28 @@ def test_demo_grounding_chain_end_to_end(tmp_path):
         ious.loc[ious["perturbation_id"] != "original", "iou"].dropna().mean()
     )
     chosen = boundary["thresholds"]
-    assert chosen["thresholds"] == thresholds["signals"]["perturbation_magnitude"]["exact"]["thresholds"]
+    # validated out-of-sample: the thresholds chosen on the threshold subset, through the DAG
+    t9 = json.loads((root / "demo_t9" / "thresholds.json").read_text())
+    assert chosen["thresholds"] == t9["signals"]["perturbation_magnitude"]["exact"]["thresholds"]
+    assert boundary["out_of_sample"] and boundary["thresholds_subset"] == "demo_t9"
+    assert "chosen on subset demo_t9" in boundary["thresholds_source"]
+    own = thresholds["signals"]["perturbation_magnitude"]["exact"]["thresholds"]
+    assert boundary["in_sample_reference"]["thresholds"] == own
+    # semantic boundary samples beside the geometric ones, with beta_sem of the threshold subset
+    sem = boundary["semantic"]
+    assert sem["thresholds"] == t9["signals"]["semantic_drift"]["exact"]["thresholds"]
+    assert set(sem["samples"]) <= set(subset["sample_ids"]) and 0 <= sem["rate"] <= 1
+    ov = boundary["overlap"]
+    assert ov["n_both"] == len(set(sem["samples"]) & set(chosen["boundary_000"]["samples"]))
+    checks = {c["check"]: c for c in boundary["checks"]["items"]}
+    assert set(checks) == {"iou_spread", "share_sensitive", "boundary_rate", "geo_sem_rho", "mi_gain"}
+    assert checks["boundary_rate"]["value"] == chosen["boundary_000"]["rate"]
+    assert checks["boundary_rate"]["pass"] == (0.2 <= chosen["boundary_000"]["rate"] <= 0.4)
+    in_out = json.loads((out / "in_vs_out_of_sample.json").read_text())
+    assert in_out["disjoint"] and [r["in_sample"] for r in in_out["rows"]] == [True, False, True]
+    for table in ("thresholds", "boundary", "checks"):
+        assert "<table>" in (out / "tables" / f"{table}.html").read_text()
+    assert "out-of-sample" in (out / "tables" / "in_vs_out_of_sample.html").read_text()
     for name in ("boundary_000", "boundary_001"):
         assert set(chosen[name]["by_difficulty"]) == {"easy", "medium", "hard"}
         assert set(chosen[name]["samples"]) <= set(subset["sample_ids"])
@@ -141,11 +172,11 @@ def test_local_refcoco_layouts_dry_run_and_subset(tmp_path):
         tmp_path,
         cfgfile,
         f"results/{cfg['run']}/grounding/subsets/val9.json",
-        f"results/{cfg['run']}/grounding/grid.tsv",
+        f"results/{cfg['run']}/grounding/val9/grid.tsv",
     )
     subset = json.loads((root / "subsets" / "val9.json").read_text())
     assert subset["dataset_size"] == 30 and subset["difficulty_counts"] == {"easy": 3, "medium": 3, "hard": 3}
-    assert len(pd.read_csv(root / "grid.tsv", sep="\t")) == 25
+    assert len(pd.read_csv(root / "val9" / "grid.tsv", sep="\t")) == 25
 
     # the same subset again, named differently, from the saved indices
     np.save(tmp_path / "small_subset_indices.npy", np.asarray(subset["indices"], dtype=np.int64))

@@ -11,8 +11,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from vlmrel import mcdo
-from vlmrel.mcdo import (
+from vlmrel.mcdo import dropout as mcdo
+from vlmrel.mcdo.dropout import (
     MomentAccumulator,
     TrialResult,
     drop_positions,

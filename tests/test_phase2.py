@@ -7,9 +7,15 @@ import pytest
 from PIL import Image
 from scipy.stats import mannwhitneyu, spearmanr
 
-from vlmrel.phase2 import dropout_types, rank_stability, recipe_agreement, synthetic_separation
-from vlmrel.reliability import reliability
-from vlmrel.synthetic import SYNTHETIC_KINDS, iter_synthetic, make_synthetic, synthetic_id, synthetic_seed
+from vlmrel.mcdo.comparisons import dropout_types, rank_stability, recipe_agreement, synthetic_separation
+from vlmrel.mcdo.reliability import reliability
+from vlmrel.mcdo.synthetic import (
+    SYNTHETIC_KINDS,
+    iter_synthetic,
+    make_synthetic,
+    synthetic_id,
+    synthetic_seed,
+)
 
 
 def _scores(seed: int, k: int = 3, n: int = 40, noise: float = 0.3) -> np.ndarray:
@@ -159,11 +165,11 @@ def test_synthetic_kinds_content():
 def test_phase_figures_write_pngs(tmp_path):
     from scipy.special import softmax
 
-    from vlmrel import phase_figures as pf
-    from vlmrel.ambiguity import ambiguity_stats, entropy, margin
-    from vlmrel.gate import convergence_summary
-    from vlmrel.geometry import geometry_from_passes
-    from vlmrel.summary import Trials, model_summary
+    from vlmrel.mcdo import figures as pf
+    from vlmrel.mcdo.ambiguity import ambiguity_stats, entropy, margin
+    from vlmrel.mcdo.gate import convergence_summary
+    from vlmrel.mcdo.geometry import geometry_from_passes
+    from vlmrel.mcdo.reliability import Trials, model_summary
 
     rng = np.random.default_rng(0)
     geo = [geometry_from_passes(rng.standard_normal((8, 10, 6)) + 3) for _ in range(2)]

@@ -9,7 +9,7 @@ import pingouin as pg
 import pytest
 from scipy.stats import spearmanr
 
-from vlmrel.reliability import icc1, pairwise_spearman, reliability, snr, status
+from vlmrel.mcdo.reliability import icc1, pairwise_spearman, reliability, snr, status
 
 
 def _scores(seed: int, k: int = 5, n: int = 40, noise: float = 0.3) -> np.ndarray:

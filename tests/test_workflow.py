@@ -68,7 +68,7 @@ def _phase1_counts(mcdo: dict) -> dict[str, int]:
         "mcdo_overall": 1,
         "mcdo_figure_reliability": models("exp0"),
         "mcdo_figure_scores": 1,
-        "mcdo_geometry_summary": models("exp0b") + models("exp4_subset"),
+        "mcdo_experiment_summary": models("exp0b") + models("exp4_subset"),
         "mcdo_figure_geometry": 1 if "exp0b" in mcdo else 0,
         "mcdo_figure_experiment": models("exp4_subset"),
         "mcdo_ambiguity": models("exp5_subset"),
@@ -108,7 +108,7 @@ def test_full_config_dry_run_at_the_seeds_scale(tmp_path):
     expected = _phase1_counts(mcdo)
     assert {rule: counts.get(rule, 0) for rule in expected} == expected
     # Phase 2 waits for the gate: none of its jobs is in the DAG before the gate has run
-    assert "mcdo_group_summary" not in counts and "pixels_synthetic" not in counts
+    assert "pixels_synthetic" not in counts and "exp=exp1" not in proc.stdout
     assert "demo_images" not in counts
 
 
@@ -190,14 +190,14 @@ def test_a_failed_gate_keeps_phase2_out_of_the_dag(gate_run):
     assert "negative result" in state["note"] and "Phase 2 is not run" in state["note"]
     assert state["dirs"] == ["exp0"]  # nothing of Phase 2 (nor the rest of Phase 1) ran
     log = state["failed"].stdout + state["failed"].stderr
-    assert "exp=exp1" not in log and "exp=exp3" not in log and "mcdo_group_summary" not in log
+    assert "exp=exp1" not in log and "exp=exp3" not in log and "mcdo_experiment_summary" not in log
 
 
 def test_forcing_phase2_brings_it_into_the_dag(gate_run):
     work, cfg, state = gate_run
     # exp1: rates 0.01 (listed twice, one set of files) and 0.05; exp3: input and gaussian; K=2 each
     assert state["forced_dry"]["mcdo_trial"] == 2 * 2 + 2 * 2
-    assert state["forced_dry"]["mcdo_group_summary"] == 2
+    assert state["forced_dry"]["mcdo_experiment_summary"] == 2
     gate = json.loads((work / "results" / cfg["run"] / "mcdo" / "gate.json").read_text())
     assert gate["decision"] == "negative_result" and gate["forced"] and gate["run_phase2"]
 
@@ -233,7 +233,7 @@ def test_angular_variance_matches_a_direct_computation(gate_run):
     """exp0b's stored angular variance against arccos of the same passes' directions."""
     import torch
 
-    from vlmrel.mcdo import run_trial
+    from vlmrel.mcdo.dropout import run_trial
     from vlmrel.models import load_encoder, preprocess_spec
     from vlmrel.pixels import iter_batches, preproc_key
 

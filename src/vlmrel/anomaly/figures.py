@@ -17,8 +17,6 @@ def _colour(method: str) -> str:
     return f"C{METHODS.index(method)}" if method in METHODS else "k"
 
 
-
-
 def roc_pr_curves(
     methods: Sequence[str], counts: np.ndarray, metrics: dict, path: str | os.PathLike[str], dpi: int = 120
 ) -> None:

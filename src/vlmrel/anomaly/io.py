@@ -4,7 +4,8 @@ Files (all HDF5):
 
 * segmentation data ``{split}.h5``: ``images`` [N, 3, H, W] uint8, ``labels`` [N, H, W] integer.
 * segmentation logits: ``logits`` [N, C, H, W] float16/float32, ``labels`` [N, H, W] integer;
-  attribute ``num_classes`` when written by vlmrel.
+  attribute ``num_classes`` when written by vlmrel; optionally ``mahalanobis`` [N, H, W] float32,
+  the feature-space distance HEAT uses (``vlmrel.anomaly.heat``).
 * per-image logits (classification OOD): ``logits`` [N, C] float, ``ood`` [N] bool/0-1.
 
 Logits are read a few images at a time (at most ``max_block_mb`` per read), never whole.
@@ -115,6 +116,14 @@ class SegLogitsReader:
             self.logits = _dataset(self._f, logits_key, self.path)
             self.labels = _dataset(self._f, labels_key, self.path)
             self._validate()
+            self.mahalanobis = None
+            if "mahalanobis" in self._f:
+                md = _dataset(self._f, "mahalanobis", self.path)
+                if md.shape != self.labels.shape:
+                    raise AnomalyInputError(
+                        f"{self.path}: mahalanobis {md.shape} must match labels {self.labels.shape}"
+                    )
+                self.mahalanobis = md
         except BaseException:
             self._f.close()
             raise
@@ -153,17 +162,29 @@ class SegLogitsReader:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
+    @property
+    def has_features(self) -> bool:
+        return self.mahalanobis is not None
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(index, logits [C,H,W], labels [H,W], valid [H,W], is_anomaly [H,W])`` per image."""
+        for item in self.iter_with_features():
+            yield item[:5]
+
+    def iter_with_features(
+        self,
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """As ``__iter__``, plus the image's ``mahalanobis`` map [H, W] (None without one)."""
         n = len(self)
         for start in range(0, n, self.block):
             sl = slice(start, min(n, start + self.block))
             lg = _read(self.logits, sl, self.path)
             lb = _read(self.labels, sl, self.path)
+            md = _read(self.mahalanobis, sl, self.path) if self.mahalanobis is not None else None
             for j in range(lg.shape[0]):
                 i = start + j
                 valid, anomalous = self.spec.masks(lb[j], where=f"{self.path}: image {i}: ")
-                yield i, lg[j], lb[j], valid, anomalous
+                yield i, lg[j], lb[j], valid, anomalous, (md[j] if md is not None else None)
 
     def close(self) -> None:
         self._f.close()
@@ -266,22 +287,38 @@ class SegDataReader:
 
 class _LogitsSink:
     def __init__(
-        self, f: h5py.File, n: int, num_classes: int, hw: tuple[int, int], label_dtype: object, dtype: str
+        self,
+        f: h5py.File,
+        n: int,
+        num_classes: int,
+        hw: tuple[int, int],
+        label_dtype: object,
+        dtype: str,
+        features: bool = False,
     ):
         h, w = hw
         self.logits = f.create_dataset(
             "logits", shape=(n, num_classes, h, w), dtype=dtype, chunks=(1, num_classes, h, w)
         )
         self.labels = f.create_dataset("labels", shape=(n, h, w), dtype=label_dtype, chunks=(1, h, w))
+        self.mahalanobis = (
+            f.create_dataset("mahalanobis", shape=(n, h, w), dtype="float32", chunks=(1, h, w))
+            if features
+            else None
+        )
         self.n = n
         self.written = 0
 
-    def write(self, logits: np.ndarray, labels: np.ndarray) -> None:
-        """Append a block of images: logits [k, C, H, W], labels [k, H, W]."""
+    def write(self, logits: np.ndarray, labels: np.ndarray, mahalanobis: np.ndarray | None = None) -> None:
+        """Append a block of images: logits [k, C, H, W], labels [k, H, W] (mahalanobis [k, H, W])."""
         sl = slice(self.written, self.written + logits.shape[0])
         with np.errstate(over="ignore"):
             self.logits[sl] = logits.astype(self.logits.dtype)
         self.labels[sl] = labels
+        if (self.mahalanobis is None) != (mahalanobis is None):
+            raise ValueError("mahalanobis maps must be written for every block or for none")
+        if self.mahalanobis is not None:
+            self.mahalanobis[sl] = np.asarray(mahalanobis, dtype=np.float32)
         self.written = sl.stop
 
 
@@ -293,6 +330,7 @@ def seg_logits_writer(
     hw: tuple[int, int],
     label_dtype: object,
     dtype: str = "float16",
+    features: bool = False,
     **attrs: object,
 ) -> Iterator[_LogitsSink]:
     """Write logits [N,C,H,W] and labels block by block; the file appears only when all N are written."""
@@ -300,7 +338,7 @@ def seg_logits_writer(
         f.attrs["num_classes"] = num_classes
         for k, v in attrs.items():
             f.attrs[k] = v
-        sink = _LogitsSink(f, n, num_classes, hw, label_dtype, dtype)
+        sink = _LogitsSink(f, n, num_classes, hw, label_dtype, dtype, features)
         yield sink
         if sink.written != n:
             raise RuntimeError(f"{path}: wrote {sink.written} of {n} images")

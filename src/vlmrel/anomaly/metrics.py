@@ -17,7 +17,12 @@ computed from the 65,536 bins, exactly and for any number of pixels:
 Anomalies are the positive class and higher scores mean more anomalous. A pixel is
 predicted anomalous at threshold ``t`` when ``score >= t``.
 
-Scores at higher precision (float32/64) are rounded to float16 first. The result then carries
+``exact_metrics`` and ``PerImageAccumulator`` are exact for float32 scores too: scores that
+float16 does not hold exactly go to ``vlmrel.anomaly.exact32`` (a coarse pass and refinement
+passes over the same array; float64 scores are taken as float32). The streaming
+``ExactAccumulator`` stays the float16 fast path: one pass, 1 MB of state.
+
+In ``ExactAccumulator``, scores at higher precision (float32/64) are rounded to float16 first. The result then carries
 the exact interval each metric of the unrounded scores must lie in (``quantization``): only
 pairs that fall in the same float16 bin can change order, so AUROC moves by at most half of the
 tied positive-negative pairs, AP lies between "negatives first" and "positives first" inside
@@ -340,12 +345,39 @@ def histogram(
 def exact_metrics(scores: np.ndarray, is_anomaly: np.ndarray, *, tpr_level: float = 0.95) -> dict:
     """Pooled AUROC, AUPR (anomaly positive) and FPR at ``tpr_level`` TPR, exact over every element.
 
-    Higher score = more anomalous. Exact for float16 scores, ties included; other float scores
-    are rounded to float16 and the result's ``quantization`` gives the exact error bounds.
+    Higher score = more anomalous. Exact for float16 and float32 scores, ties included (float64
+    scores are taken as float32; ``quantization["exact"]`` says whether that lost anything).
     """
+    s = np.asarray(scores)
+    if s.dtype != np.float16:
+        _, lossless = float16_keys(s)
+        if not lossless:
+            return exact_float32_result(s, is_anomaly, tpr_level=tpr_level)
     acc = ExactAccumulator(tpr_level)
     acc.update(scores, is_anomaly)
     return acc.result()
+
+
+def exact_float32_result(
+    scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None, *, tpr_level: float = 0.95
+) -> dict:
+    """``exact_metrics``'s result for scores float16 cannot hold (``exact32``, in memory)."""
+    from vlmrel.anomaly.exact32 import exact_metrics_float32
+
+    r = exact_metrics_float32(scores, is_anomaly, valid, tpr_level=tpr_level)
+    return with_exact_quantization(r, r.pop("exact"), "float32")
+
+
+def with_exact_quantization(r: dict, exact: bool, precision: str) -> dict:
+    """Attach the ``quantization`` record of a result computed on the scores themselves."""
+    r["quantization"] = {
+        "exact": bool(exact),
+        "score_precision": precision,
+        "auroc_max_error": 0.0 if exact else math.nan,
+        "aupr_interval": [r["aupr"]] * 2 if exact else [math.nan] * 2,
+        "fpr95_interval": [r["fpr95"]] * 2 if exact else [math.nan] * 2,
+    }
+    return r
 
 
 class PerImageAccumulator:
@@ -362,9 +394,15 @@ class PerImageAccumulator:
         self.n_no_normal = 0
 
     def update(self, scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None) -> dict:
-        """Add one image; returns its metrics (NaN when undefined)."""
-        counts, _ = histogram(scores, is_anomaly, valid)
-        m = Curve.from_counts(counts).metrics(self.tpr_level)
+        """Add one image; returns its metrics (NaN when undefined), exact for float16/float32 scores."""
+        counts, lossless = histogram(scores, is_anomaly, valid)
+        if lossless:
+            m = Curve.from_counts(counts).metrics(self.tpr_level)
+        else:
+            from vlmrel.anomaly.exact32 import exact_metrics_float32
+
+            r = exact_metrics_float32(scores, is_anomaly, valid, tpr_level=self.tpr_level)
+            m = {k: r[k] for k in ("auroc", "aupr", "fpr95", "n_anomaly", "n_normal")}
         if m["n_anomaly"] == 0:
             self.n_no_anomaly += 1
         elif m["n_normal"] == 0:

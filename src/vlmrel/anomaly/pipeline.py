@@ -62,6 +62,35 @@ def demo_data(
         )
 
 
+def import_streethazards(
+    root: PathLike,
+    data_out: PathLike,
+    summary_out: PathLike,
+    *,
+    split: str,
+    folders: dict[str, str],
+    image_size: Sequence[int],
+    resize: Sequence[int] | None,
+    label_offset: int,
+    spec: LabelSpec,
+) -> None:
+    """One split of StreetHazards from its published layout into the chain's data file."""
+    from vlmrel.anomaly.streethazards import import_split
+
+    summary = import_split(
+        root,
+        data_out,
+        images=folders["images"],
+        annotations=folders["annotations"],
+        image_size=image_size,
+        spec=spec,
+        resize=resize,
+        label_offset=label_offset,
+        split=split,
+    )
+    write_json(summary_out, summary)
+
+
 def train(
     train_path: PathLike, val_path: PathLike, model_out: PathLike, record_out: PathLike, **kwargs: object
 ) -> None:
@@ -84,7 +113,10 @@ def logits(
     dtype: str,
     device: str,
     threads: int,
+    heat_stats: PathLike | None = None,
 ) -> None:
+    """Logits of a split; with ``heat_stats`` also each image's Mahalanobis map for HEAT."""
+    from vlmrel.anomaly.heat import FeatureStats
     from vlmrel.anomaly.segnet import file_sha256, load_model, produce_logits
 
     model = load_model(arch, num_classes, checkpoint)
@@ -100,8 +132,44 @@ def logits(
         dtype=dtype,
         threads=threads,
         arch=arch,
+        heat_stats=FeatureStats.load(heat_stats) if heat_stats else None,
         checkpoint_sha256=file_sha256(checkpoint),
     )
+
+
+def heat_stats(
+    data_path: PathLike,
+    checkpoint: PathLike,
+    out: PathLike,
+    *,
+    arch: str,
+    num_classes: int,
+    ignore_ids: Sequence[int],
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str,
+    threads: int,
+    ridge: float = 1e-6,
+) -> None:
+    """HEAT's class means and tied covariance of the feature layer over a labelled split (safetensors)."""
+    from vlmrel.anomaly.segnet import file_sha256, heat_feature_stats, load_model
+
+    model = load_model(arch, num_classes, checkpoint)
+    stats = heat_feature_stats(
+        model,
+        data_path,
+        arch=arch,
+        num_classes=num_classes,
+        ignore_ids=ignore_ids,
+        batch_size=batch_size,
+        mean=mean,
+        std=std,
+        device=device,
+        threads=threads,
+        ridge=ridge,
+    )
+    stats.save(out, arch=arch, data=os.fspath(data_path), checkpoint_sha256=file_sha256(checkpoint))
 
 
 def sml_stats(val_logits: PathLike, out_json: PathLike, spec: LabelSpec, max_block_mb: float = 256.0) -> None:
@@ -125,6 +193,8 @@ def evaluate(
     temperature: float,
     tpr_level: float,
     max_block_mb: float = 256.0,
+    max_refine_mb: float = 1024.0,
+    heat: dict | None = None,
 ) -> None:
     result = ev.evaluate_segmentation(
         test_logits,
@@ -132,8 +202,10 @@ def evaluate(
         methods,
         temperature=temperature,
         sml=_load_sml(sml_json, spec),
+        heat=_heat_config(heat),
         tpr_level=tpr_level,
         max_block_mb=max_block_mb,
+        max_refine_mb=max_refine_mb,
     )
     ev.save_histograms(histograms_out, result, tpr_level)
     write_table(per_image_out, result.rows)
@@ -149,13 +221,25 @@ def evaluate(
             "positive": "anomaly",
             "score": "higher = more anomalous",
             "fpr95": f"smallest FPR among thresholds with TPR >= {tpr_level}",
-            "exactness": "exact for the float16 value of each score; quantization gives the bounds for the unrounded scores",
+            "exactness": "pooled and per-image metrics are exact for the float32 scores over every pixel "
+            "(quantization.score_precision says which path: float16 histogram when every score is a "
+            "float16 value, else coarse + refinement passes); figures and the threshold study use the "
+            "float16 histograms",
         },
     )
     write_json(metrics_out, summary)
     for m in result.methods:
         p = result.pooled[m]
         log.info("%-8s AUROC %.4f AUPR %.4f FPR95 %.4f", m, p["auroc"], p["aupr"], p["fpr95"])
+    if result.segmentation is not None:
+        log.info("producer mIoU %.4f", result.segmentation["miou"])
+    if result.heat and result.heat.get("fallback"):
+        log.warning("HEAT fell back to %s: %s", result.heat["fallback"], result.heat["reason"])
+
+
+def _heat_config(heat: dict | None) -> ev.HeatConfig:
+    h = heat or {}
+    return ev.HeatConfig(alpha=float(h.get("alpha", 0.9)), spatial_weight=float(h.get("spatial_weight", 0.5)))
 
 
 def threshold(
@@ -181,6 +265,7 @@ def subsampling(
     temperature: float,
     tpr_level: float,
     max_block_mb: float = 256.0,
+    heat: dict | None = None,
 ) -> None:
     rows, summary = studies.subsampling_study(
         test_logits,
@@ -191,6 +276,7 @@ def subsampling(
         seed=seed,
         temperature=temperature,
         sml=_load_sml(sml_json, spec),
+        heat=_heat_config(heat),
         tpr_level=tpr_level,
         max_block_mb=max_block_mb,
     )

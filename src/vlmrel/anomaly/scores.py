@@ -8,6 +8,7 @@ For logits ``z`` over C classes (``axis`` is the class axis: 0 for one image [C,
 * ``energy``   = -T * logsumexp(z / T)                      (Liu et al.; temperature T)
 * ``entropy``  = -sum_c p_c log p_c,  p = softmax(z)
 * ``sml``      = -(max_c z_c - mu_k) / sigma_k,  k = argmax_c z_c   (Jung et al.)
+* ``heat``     = hybrid energy-adaptive thresholding, stateful across images (``vlmrel.anomaly.heat``)
 
 ``mu_k``, ``sigma_k`` are the mean and standard deviation of the max logit over the pixels
 predicted as class k in a validation split (``SMLStats``, accumulated with Chan's parallel
@@ -22,13 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("msp", "maxlogit", "energy", "entropy", "sml")
+METHODS = ("msp", "maxlogit", "energy", "entropy", "sml", "heat")
+STATELESS = ("msp", "maxlogit", "energy", "entropy", "sml")  # computed here; heat is stateful (heat.py)
 LABELS = {
     "msp": "MSP",
     "maxlogit": "Max logit",
     "energy": "Energy",
     "entropy": "Entropy",
     "sml": "Standardized max logit",
+    "heat": "HEAT",
 }
 
 
@@ -114,7 +117,7 @@ def _work_dtype(z: np.ndarray) -> type:
 
 def compute_scores(
     logits: np.ndarray,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = STATELESS,
     *,
     axis: int = 0,
     temperature: float = 1.0,
@@ -124,6 +127,8 @@ def compute_scores(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown anomaly score(s) {unknown}; choose from {list(METHODS)}")
+    if "heat" in methods:
+        raise ValueError("the 'heat' score carries state across images: use vlmrel.anomaly.heat.HeatScorer")
     if "sml" in methods and sml is None:
         raise ValueError("the 'sml' score needs per-class statistics from a validation split (SMLStats)")
     if not temperature > 0:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmrel.anomaly.heat import FEATURE_LAYER, FeatureStats, FeatureStatsAccumulator
 from vlmrel.anomaly.io import AnomalyInputError, SegDataReader, seg_logits_writer
 from vlmrel.io import atomic_path
 
@@ -275,22 +276,39 @@ def produce_logits(
     device: str = "cpu",
     dtype: str = "float16",
     threads: int = 1,
+    heat_stats: FeatureStats | None = None,
+    arch: str | None = None,
     **attrs: object,
 ) -> None:
-    """Run ``model`` over the data file's images and write logits [N, C, H, W] + labels, atomically."""
+    """Run ``model`` over the data file's images and write logits [N, C, H, W] + labels, atomically.
+
+    With ``heat_stats`` (and ``arch``, naming the feature layer) each image's Mahalanobis map
+    [H, W] (``vlmrel.anomaly.heat``) is written beside its logits as ``mahalanobis``.
+    """
     import torch
     from tqdm import tqdm
 
     torch.set_num_threads(max(1, int(threads)))
     model = model.to(device).eval()
+    if arch is not None:
+        attrs = {"arch": arch, **attrs}
+    grab = _FeatureGrab(model, arch) if heat_stats is not None else None
+    if grab is not None:
+        attrs = {**attrs, "heat_feature_layer": grab.layer}
     with SegDataReader(data_path) as data:
         n = len(data)
         h, w = data.images.shape[2:]
-        with seg_logits_writer(out_path, n, num_classes, (h, w), data.labels.dtype, dtype, **attrs) as sink:
+        with seg_logits_writer(
+            out_path, n, num_classes, (h, w), data.labels.dtype, dtype, features=grab is not None, **attrs
+        ) as sink:
             for start in tqdm(range(0, n, batch_size), desc="logits", unit="batch", mininterval=2.0):
                 images, labels = data.read(slice(start, min(n, start + batch_size)))
                 with torch.no_grad():
                     out = _forward(model, _normalise(images, mean, std).to(device)).float().cpu().numpy()
+                maha = None
+                if grab is not None:
+                    assert heat_stats is not None
+                    maha = grab.mahalanobis(heat_stats, (h, w))
                 if out.shape[1] != num_classes:
                     raise AnomalyInputError(
                         f"the model outputs {out.shape[1]} classes, anomaly.num_classes is {num_classes}"
@@ -301,7 +319,99 @@ def produce_logits(
                     raise AnomalyInputError(
                         f"{data_path}: the model produced non-finite logits for images {start}.."
                     )
-                sink.write(out, labels)
+                sink.write(out, labels, maha)
+    if grab is not None:
+        grab.close()
+
+
+class _FeatureGrab:
+    """Keeps the output of the architecture's HEAT feature layer at every forward pass."""
+
+    def __init__(self, model: Any, arch: str | None) -> None:
+        if arch not in FEATURE_LAYER:
+            raise AnomalyInputError(f"no HEAT feature layer is known for architecture {arch!r}")
+        self.layer = FEATURE_LAYER[arch]
+        self.value: Any = None
+        self._handle = model.get_submodule(self.layer).register_forward_hook(self._keep)
+
+    def _keep(self, _module: Any, _inputs: Any, output: Any) -> None:
+        self.value = output.detach().float().cpu()
+
+    def mahalanobis(self, stats: FeatureStats, hw: tuple[int, int]) -> np.ndarray:
+        """[B, H, W] float32: distance on the feature grid, resized bilinearly to the image."""
+        import torch
+
+        feats = self.value.numpy()
+        d = np.stack([stats.distance(f) for f in feats])
+        up = torch.nn.functional.interpolate(
+            torch.from_numpy(d).float()[:, None], size=hw, mode="bilinear", align_corners=False
+        )
+        return up[:, 0].numpy()
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def heat_feature_stats(
+    model: Any,
+    data_path: str | os.PathLike[str],
+    *,
+    arch: str,
+    num_classes: int,
+    ignore_ids: Sequence[int] = (),
+    batch_size: int = 4,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: str = "cpu",
+    threads: int = 1,
+    ridge: float = 1e-6,
+) -> FeatureStats:
+    """Class means and tied covariance of the feature layer over the labelled pixels of a data file.
+
+    Labels go to the feature grid by nearest neighbour; pixels whose label is an ignore id or not
+    a trained class (anomalies) are left out.
+    """
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(max(1, int(threads)))
+    model = model.to(device).eval()
+    grab = _FeatureGrab(model, arch)
+    acc: FeatureStatsAccumulator | None = None
+    try:
+        with SegDataReader(data_path) as data:
+            n = len(data)
+            for start in tqdm(range(0, n, batch_size), desc="heat stats", unit="batch", mininterval=2.0):
+                images, labels = data.read(slice(start, min(n, start + batch_size)))
+                with torch.no_grad():
+                    _forward(model, _normalise(images, mean, std).to(device))
+                feats = grab.value  # [B, D, h, w]
+                lab = (
+                    torch.nn.functional.interpolate(
+                        torch.from_numpy(labels.astype(np.float32))[:, None],
+                        size=feats.shape[-2:],
+                        mode="nearest",
+                    )[:, 0]
+                    .numpy()
+                    .astype(np.int64)
+                )
+                keep = (lab >= 0) & (lab < num_classes) & ~np.isin(lab, list(ignore_ids))
+                if acc is None:
+                    acc = FeatureStatsAccumulator(num_classes, feats.shape[1])
+                f = feats.permute(0, 2, 3, 1).numpy()[keep]
+                acc.update(f, lab[keep])
+    finally:
+        grab.close()
+    if acc is None:
+        raise AnomalyInputError(f"{data_path}: no images for the HEAT feature statistics")
+    stats = acc.result(FEATURE_LAYER[arch], ridge)
+    log.info(
+        "HEAT statistics of %s: %d pixels, %d features",
+        FEATURE_LAYER[arch],
+        int(stats.counts.sum()),
+        stats.means.shape[1],
+    )
+    return stats
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlmrel.anomaly.evaluate import iter_scored
+from vlmrel.anomaly.evaluate import HeatConfig, iter_scored
 from vlmrel.anomaly.io import LabelSpec, SegLogitsReader
 from vlmrel.anomaly.metrics import KEY_VALUES, NBINS, Curve, float16_keys
 from vlmrel.anomaly.scores import LABELS, SMLStats
@@ -65,6 +65,7 @@ def subsampling_study(
     seed: int = 0,
     temperature: float = 1.0,
     sml: SMLStats | None = None,
+    heat: HeatConfig | None = None,
     tpr_level: float = 0.95,
     max_block_mb: float = 256.0,
 ) -> tuple[list[dict], list[dict]]:
@@ -79,7 +80,9 @@ def subsampling_study(
     counts = {m: [np.zeros(2 * NBINS * (R + 1), dtype=np.int64) for _ in range(trials)] for m in methods}
     exact = {m: np.zeros(2 * NBINS, dtype=np.int64) for m in methods}
     with SegLogitsReader(path, spec, max_block_mb=max_block_mb) as reader:
-        for item in iter_scored(reader, methods, temperature=temperature, sml=sml, desc="subsampling"):
+        for item in iter_scored(
+            reader, methods, temperature=temperature, sml=sml, heat=heat, desc="subsampling"
+        ):
             n = item.is_anomaly.size
             ridx = [
                 np.searchsorted(
@@ -146,12 +149,20 @@ COLUMNS = (
     ("image_fpr95", "FPR95 (per image)"),
     ("best_f1", "best F1"),
     ("threshold", "F1-optimal threshold"),
+    ("producer_miou", "producer mIoU"),
 )
 
 
 def comparison_rows(metrics: dict, thresholds: dict | None = None) -> list[dict]:
-    """One row per method from metrics.json (and threshold_sensitivity.json)."""
+    """One row per method from metrics.json (and threshold_sensitivity.json).
+
+    ``producer_miou`` is the segmentation model's mIoU on the evaluated split (the same on every
+    row: the scores are all computed from that model's logits). A HEAT that fell back to the
+    energy score is named so in the ``note`` column.
+    """
     rows = []
+    miou = (metrics.get("segmentation") or {}).get("miou", math.nan)
+    heat_fallback = (metrics.get("heat") or {}).get("fallback")
     for m in metrics["methods"]:
         p, q = metrics["pooled"][m], metrics["per_image"][m]
         best = (thresholds or {}).get(m, {}).get("best", {})
@@ -166,6 +177,8 @@ def comparison_rows(metrics: dict, thresholds: dict | None = None) -> list[dict]
                 "image_fpr95": q["fpr95"],
                 "best_f1": best.get("f1", math.nan),
                 "threshold": best.get("threshold", math.nan),
+                "producer_miou": miou,
+                "note": f"{heat_fallback} fallback (no features)" if m == "heat" and heat_fallback else "",
             }
         )
     return rows
@@ -185,9 +198,10 @@ def comparison_markdown(rows: list[dict], metrics: dict) -> str:
     sep = "|" + "|".join("---" if k == "method" else "---:" for k, _ in COLUMNS) + "|"
     lines = [head, sep]
     for r in rows:
-        lines.append(
-            "| " + " | ".join(_fmt(r[k], k not in ("method", "threshold")) for k, _ in COLUMNS) + " |"
-        )
+        cells = [_fmt(r[k], k not in ("method", "threshold")) for k, _ in COLUMNS]
+        if r.get("note"):
+            cells[0] += f" ({r['note']})"
+        lines.append("| " + " | ".join(cells) + " |")
     m0 = metrics["methods"][0]
     p, q = metrics["pooled"][m0], metrics["per_image"][m0]
     lines += [
@@ -197,4 +211,11 @@ def comparison_markdown(rows: list[dict], metrics: dict) -> str:
         f"{q['n_images_no_anomaly']} without anomaly pixels and {q['n_images_no_normal']} without normal pixels left out. "
         f"FPR95 = false-positive rate at {100 * p['tpr_level']:g}% TPR.",
     ]
+    seg = metrics.get("segmentation")
+    if seg:
+        lines.append(
+            f"Producer model: mIoU {_fmt(seg['miou'], True)} over {seg['classes_present']} classes, "
+            f"pixel accuracy {_fmt(seg['pixel_accuracy'], True)} on the evaluated split "
+            f"({seg['n_pixels']:,} pixels labelled with a trained class)."
+        )
     return "\n".join(lines) + "\n"

@@ -76,7 +76,7 @@ def reference_loop(
     """Seed 002's pattern: fp32 passes, per-pass .cpu().double(), sum/sumsq accumulation."""
     import torch
 
-    from vlmrel.mcdo import inject_dropout, pass_seed
+    from vlmrel.mcdo.dropout import inject_dropout, pass_seed
 
     generator = torch.Generator().manual_seed(seed)
     traces = []
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from scipy.stats import spearmanr
 
-    from vlmrel.mcdo import run_trial
+    from vlmrel.mcdo.dropout import run_trial
     from vlmrel.models import ModelSpec, _clip_preprocess, load_encoder
 
     if args.threads:

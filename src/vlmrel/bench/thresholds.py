@@ -66,8 +66,8 @@ def seed_code_optimize(iou: np.ndarray, signal: np.ndarray, k: int = 3, n_bins: 
     """Notebook 02's ``optimize_thresholds`` as written (its binning with ``np.digitize``, sklearn's
     ``mutual_info_score``, the class loop), with a seeded generator instead of the global one.
 
-    Only for timing the seed's code: its binning differs from ours (``n_bins + 1`` bins, the
-    maximum alone in the last), so its MI is not comparable to the others."""
+    Only for timing the seed's code: its binning differs from the default ``width`` (``n_bins + 1``
+    bins, the maximum alone in the last), so its MI is comparable only to ``binning="seed"``."""
     from scipy import optimize
     from sklearn.metrics import mutual_info_score
 

@@ -43,7 +43,8 @@ PREDICTION_COLUMNS = (
 SIGNALS = ("perturbation_magnitude", "semantic_drift", "iou_drop")
 OBJECTIVE = (
     "I(C_t(IoU); S) in nats: k sorted thresholds give k+1 classes #{j: IoU >= t_j}; S is the signal "
-    "binned into n_bins bins; pairs with a failure (NaN) are left out"
+    "binned into n_bins bins (binning seed: notebook 02's np.digitize, n_bins + 1 labels); pairs with a "
+    "failure (NaN) are left out"
 )
 
 
@@ -203,7 +204,12 @@ def _rates_by(flags: np.ndarray, difficulties: Sequence[str]) -> dict:
 def _spearman(x: np.ndarray, y: np.ndarray) -> dict:
     rho, p, n = spearman(x, y)
     if math.isnan(rho):
-        return {"rho": None, "p": None, "n": n, "note": "undefined: fewer than 3 pairs or a constant variable"}
+        return {
+            "rho": None,
+            "p": None,
+            "n": n,
+            "note": "undefined: fewer than 3 pairs or a constant variable",
+        }
     return {"rho": rho, "p": p, "n": n}
 
 
@@ -289,6 +295,161 @@ def boundary_report(
             "sample_means": _spearman(_row_nanmean(drop), _row_nanmean(np.asarray(drift, float))),
         }
     return out
+
+
+SEMANTIC_DEFINITION = (
+    "the sample's normalised answer similarities 1 - d / max(d) over its perturbations (d: semantic "
+    "drift; a sample whose distances are all 0 has similarity 1) fall in more than one class of "
+    "beta_sem (notebook 03's semantic boundary samples)"
+)
+
+
+def semantic_boundary(
+    mat: Matrices, difficulties: Sequence[str], drift: np.ndarray, thresholds: Sequence[float], source: str
+) -> dict:
+    """Notebook 03's semantic boundary samples: ``beta_sem`` applied to the normalised similarity.
+
+    Per sample, ``sim = 1 - d / max(d)`` over its perturbations
+    (:func:`~vlmrel.grounding.drift.normalized_similarity`: all distances 0 give similarity 1, never
+    NaN; a failed request's NaN stays out); the sample is a semantic boundary sample when its valid
+    similarities span more than one class of ``thresholds`` (as :func:`boundary_000` on IoUs).
+    """
+    from vlmrel.grounding.drift import normalized_similarity
+
+    sim = normalized_similarity(np.asarray(drift, float))
+    flags = boundary_000(sim, thresholds).astype(float)
+    return {
+        "definition": SEMANTIC_DEFINITION,
+        "thresholds": [float(t) for t in thresholds],
+        "thresholds_source": source,
+        "samples": [s for s, f in zip(mat.sample_ids, flags, strict=True) if f == 1],
+        "rate": float(flags.mean()) if flags.size else None,
+        "by_difficulty": _rates_by(flags, difficulties),
+        "n_all_zero_distance_samples": int(
+            np.sum(
+                np.isfinite(drift).any(axis=1) & np.all(np.where(np.isfinite(drift), drift, 0.0) == 0, axis=1)
+            )
+        ),
+        "similarity_nan": int(np.isnan(sim).sum()),
+    }
+
+
+def boundary_overlap(sample_ids: Sequence[str], geometric: Sequence[str], semantic: Sequence[str]) -> dict:
+    """How the geometric (boundary_000 under the chosen thresholds) and semantic samples overlap."""
+    g, m = set(geometric), set(semantic)
+    n = len(sample_ids)
+    both, either = g & m, g | m
+    order = {s: i for i, s in enumerate(sample_ids)}
+
+    def listed(x):
+        return sorted(x, key=order.get)
+
+    return {
+        "n_samples": n,
+        "n_geometric": len(g),
+        "n_semantic": len(m),
+        "n_both": len(both),
+        "n_either": len(either),
+        "rate_geometric": len(g) / n if n else None,
+        "rate_semantic": len(m) / n if n else None,
+        "rate_both": len(both) / n if n else None,
+        "jaccard": len(both) / len(either) if either else None,
+        "both": listed(both),
+        "geometric_only": listed(g - m),
+        "semantic_only": listed(m - g),
+    }
+
+
+# The seeds' checks, as recorded pass/fail flags (None: undefined, e.g. no drift or too few pairs)
+SPREAD_MIN = 0.1  # notebook 02: mean per-sample IoU std across perturbations > 0.1
+BOUNDARY_RATE_RANGE = (0.2, 0.4)  # notebook 03's checklist
+RHO_RANGE = (0.3, 0.7)  # notebook 03's checklist
+MI_GAIN_MIN_PCT = 5.0  # notebook 02's summary: optimised thresholds beat the baseline by > 5 %
+
+
+def iou_spread(iou_perturbed: np.ndarray) -> np.ndarray:
+    """Per sample, the std (ddof 0, as ``np.std``) of its valid perturbed IoUs; NaN if none is valid."""
+    x = np.atleast_2d(np.asarray(iou_perturbed, float))
+    ok = np.isfinite(x)
+    cnt = ok.sum(1)
+    mean = np.where(ok, x, 0.0).sum(1) / np.maximum(cnt, 1)
+    var = np.where(ok, (x - mean[:, None]) ** 2, 0.0).sum(1) / np.maximum(cnt, 1)
+    return np.where(cnt > 0, np.sqrt(var), np.nan)
+
+
+def _in(v, lo, hi):
+    return None if v is None else bool(lo <= v <= hi)
+
+
+def seed_checks(
+    mat: Matrices,
+    *,
+    boundary_rate: float | None,
+    rho: float | None,
+    mi_gain_pct: float | None,
+    mi_gain_detail: Mapping | None = None,
+) -> dict:
+    """The seeds' checks with their values: notebook 02's data-quality check (per-sample IoU spread
+    across perturbations; share of samples above 0.1) and notebook 03's checklist (boundary rate in
+    20-40 %, geometric-semantic Spearman rho in 0.3-0.7, MI gain over the baseline above 5 %)."""
+    spread = iou_spread(mat.iou_perturbed)
+    valid = spread[np.isfinite(spread)]
+    mean_spread = float(valid.mean()) if valid.size else None
+    share = float((valid > SPREAD_MIN).mean()) if valid.size else None
+    items = [
+        {
+            "check": "iou_spread",
+            "seed": "001 (notebook 02, data quality)",
+            "what": "mean over samples of the per-sample std of perturbed IoUs (failures left out)",
+            "value": mean_spread,
+            "criterion": f"> {SPREAD_MIN}",
+            "pass": None if mean_spread is None else bool(mean_spread > SPREAD_MIN),
+        },
+        {
+            "check": "share_sensitive",
+            "seed": "001 (notebook 02, data quality)",
+            "what": f"share of samples whose perturbed-IoU std exceeds {SPREAD_MIN}",
+            "value": share,
+            "criterion": "> 0 (reported with the spread; the seed printed the mean only)",
+            "pass": None if share is None else bool(share > 0),
+        },
+        {
+            "check": "boundary_rate",
+            "seed": "000 (notebook 03, checklist)",
+            "what": "boundary_000 rate under the chosen thresholds",
+            "value": boundary_rate,
+            "criterion": f"within [{BOUNDARY_RATE_RANGE[0]}, {BOUNDARY_RATE_RANGE[1]}]",
+            "pass": _in(boundary_rate, *BOUNDARY_RATE_RANGE),
+        },
+        {
+            "check": "geo_sem_rho",
+            "seed": "000 (notebook 03, checklist)",
+            "what": "Spearman rho between IoU drop and semantic drift over (sample, perturbation) pairs",
+            "value": rho,
+            "criterion": f"within [{RHO_RANGE[0]}, {RHO_RANGE[1]}]",
+            "pass": _in(rho, *RHO_RANGE),
+        },
+        {
+            "check": "mi_gain",
+            "seed": "000 / 001 (optimal thresholds improve over the baseline)",
+            "what": "100 (MI(chosen) - MI(baseline [0.3, 0.5, 0.7])) / MI(baseline), on this subset's pairs",
+            "value": mi_gain_pct,
+            "criterion": f"> {MI_GAIN_MIN_PCT} %",
+            "pass": None
+            if mi_gain_pct is None or not math.isfinite(mi_gain_pct)
+            else bool(mi_gain_pct > MI_GAIN_MIN_PCT),
+            **({"detail": dict(mi_gain_detail)} if mi_gain_detail else {}),
+        },
+    ]
+    return {
+        "items": items,
+        "n_pass": sum(1 for c in items if c["pass"] is True),
+        "n_fail": sum(1 for c in items if c["pass"] is False),
+        "n_undefined": sum(1 for c in items if c["pass"] is None),
+        "per_sample_iou_spread": {
+            s: (None if np.isnan(v) else float(v)) for s, v in zip(mat.sample_ids, spread, strict=True)
+        },
+    }
 
 
 def _nanmean(x: np.ndarray) -> float | None:

@@ -21,6 +21,15 @@ _METHOD_STYLE = {"baseline": "tab:gray", "lbfgsb": "tab:blue", "exact": "tab:red
 _METHOD_LABEL = {"baseline": "baseline [0.3, 0.5, 0.7]", "lbfgsb": "L-BFGS-B (seed)", "exact": "exact (DP)"}
 
 
+def _check(boundary: Mapping, name: str) -> Mapping | None:
+    for c in (boundary.get("checks") or {}).get("items", []):
+        if c["check"] == name:
+            return c
+    return None
+
+
+def _flag(c: Mapping | None) -> str:
+    return "n/a" if c is None else {True: "pass", False: "FAIL", None: "undefined"}[c["pass"]]
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
@@ -65,8 +74,22 @@ def validation_figure(
         ax.annotate(
             f"{by[d]['n_boundary']}/{by[d]['n']}", (i, rates[i]), ha="center", va="bottom", fontsize=9
         )
+    # notebook 03's checklist range (20-40 %) and the overall rate, as reference lines
+    from vlmrel.grounding.analysis import BOUNDARY_RATE_RANGE
+
+    lo, hi = (100 * v for v in BOUNDARY_RATE_RANGE)
+    ax.axhline(lo, color="tab:blue", ls="--", alpha=0.6, label=f"expected min ({lo:g} %)")
+    ax.axhline(hi, color="tab:blue", ls="--", alpha=0.6, label=f"expected max ({hi:g} %)")
+    overall = chosen[definition]["rate"]
+    if overall is not None:
+        ax.axhline(100 * overall, color="black", ls=":", label=f"overall {100 * overall:.1f} %")
+    sem_rate = (boundary.get("semantic") or {}).get("rate")
+    if sem_rate is not None:
+        ax.axhline(100 * sem_rate, color="tab:purple", ls="-.", label=f"semantic {100 * sem_rate:.1f} %")
+    ax.legend(fontsize=8)
     ax.set_ylabel("boundary rate (%)")
-    ax.set_title(f"Boundary rate by difficulty ({definition})")
+    where = "out-of-sample" if boundary.get("out_of_sample") else "in-sample"
+    ax.set_title(f"Boundary rate by difficulty ({definition}, {where})")
 
     ax = axes[0, 2]
     drop = io[:, None] - ip
@@ -74,8 +97,9 @@ def validation_figure(
         mdrop, mdrift = _row_nanmean(drop), _row_nanmean(drift)
         ax.scatter(mdrop, mdrift, s=12, alpha=0.6)
         rho = boundary.get("spearman_iou_drop_vs_semantic_drift", {}).get("pairs", {}).get("rho")
+        flag = _flag(_check(boundary, "geo_sem_rho"))
         ax.set_title(
-            f"Geometric vs semantic drift (pairs Spearman rho={rho:.3f})"
+            f"Geometric vs semantic drift (pairs Spearman rho={rho:.3f};\nexpected 0.3-0.7: {flag})"
             if rho is not None
             else "Geometric vs semantic drift (rho undefined)"
         )
@@ -115,6 +139,18 @@ def validation_figure(
     x = np.arange(ip.shape[1])
     ax.plot(x, mean, lw=2, label="mean IoU")
     ax.fill_between(x, mean - std, mean + std, alpha=0.3)
+    spread = _check(boundary, "iou_spread")
+    if spread is not None and spread["value"] is not None and np.isfinite(io).any():
+        # notebook 02's data-quality reference: a per-sample IoU spread of 0.1 around the original mean
+        m0 = float(np.nanmean(io))
+        ax.axhspan(m0 - 0.1, m0 + 0.1, color="tab:green", alpha=0.08, label="original mean +/- 0.1")
+        ax.text(
+            0.01,
+            0.02,
+            f"mean per-sample IoU spread {spread['value']:.3f} (> 0.1: {_flag(spread)})",
+            transform=ax.transAxes,
+            fontsize=8,
+        )
     if np.isfinite(io).any():
         ax.axhline(np.nanmean(io), color="red", ls="--", label="original mean")
     ax.set_xlabel("perturbation index")
@@ -147,6 +183,17 @@ def validation_figure(
         [f"Boundary rate {definition} (baseline)", pct(boundary["baseline"][definition]["rate"])],
         ["Thresholds from", str(boundary["thresholds_source"])],
     ]
+    sem = boundary.get("semantic") or {}
+    if "rate" in sem:
+        ov = boundary.get("overlap") or {}
+        rows.append(["Semantic boundary rate", pct(sem["rate"])])
+        if ov:
+            rows.append(
+                ["Geometric / semantic / both", f"{ov['n_geometric']} / {ov['n_semantic']} / {ov['n_both']}"]
+            )
+    checks = (boundary.get("checks") or {}).get("items", [])
+    if checks:
+        rows.append(["Checks (pass/fail/undef.)", " ".join(f"{c['check']}:{_flag(c)}" for c in checks)])
     ax.axis("off")
     rows = [[textwrap.fill(cell, 30) for cell in row] for row in rows]  # long values wrap in the cell
     table = ax.table(cellText=rows, cellLoc="left", loc="center", colWidths=[0.5, 0.5])

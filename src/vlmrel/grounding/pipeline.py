@@ -14,6 +14,12 @@
   a killed job loses only requests in flight (the client's cache keeps the rest).
 * :func:`compute_ious`, :func:`compute_drift`, :func:`compute_thresholds`, :func:`compute_boundary`,
   :func:`make_figures`: the analysis of :mod:`vlmrel.grounding.analysis`.
+
+With a threshold subset (config ``grounding.threshold_subset``), the chain runs on both subsets;
+the validation subset is selected apart from the threshold subset (``make_subset(exclude_file=)``)
+and :func:`compute_boundary` classifies it with the threshold subset's ``thresholds.json``
+(out-of-sample), its own optimum's rates beside; geometric and semantic boundary samples, their
+overlap and the seeds' checks go into ``boundary.json``.
 """
 
 from __future__ import annotations
@@ -147,9 +153,15 @@ def make_subset(
     thresholds: Sequence[float],
     expression_index: int = 0,
     indices_file: str | None = None,
+    exclude_file: str | None = None,
 ) -> dict:
-    """Select (or reuse from ``indices_file``) a subset and save it as indices plus per-sample records."""
+    """Select (or reuse from ``indices_file``) a subset and save it as indices plus per-sample records.
+
+    ``exclude_file`` (another subset, e.g. the threshold subset) holds samples this one must not
+    share: a selection leaves them out before drawing; a reused subset that overlaps it is an error.
+    """
     pos_of = {s.index: p for p, s in enumerate(samples)}
+    excluded = set(read_subset(exclude_file)) if exclude_file else set()
     if indices_file:
         idx = read_subset(indices_file)
         missing = [i for i in idx if i not in pos_of]
@@ -157,12 +169,21 @@ def make_subset(
             raise ValueError(
                 f"{indices_file}: indices {missing[:10]} are not in the dataset ({len(samples)} samples)"
             )
+        shared = sorted(set(idx) & excluded)
+        if shared:
+            raise ValueError(
+                f"subset {name}: {len(shared)} of its indices from {indices_file} are also in "
+                f"{exclude_file} (e.g. {shared[:10]}); the threshold and validation subsets must be disjoint"
+            )
         positions = sorted(pos_of[i] for i in idx)
         how = f"indices from {indices_file}"
     else:
-        diffs = [difficulty(s.area_fraction, thresholds) for s in samples]
-        positions = select_subset(diffs, n, seed, allocation=allocation)
+        free = [p for p, s in enumerate(samples) if s.index not in excluded]
+        diffs = [difficulty(samples[p].area_fraction, thresholds) for p in free]
+        positions = sorted(free[q] for q in select_subset(diffs, n, seed, allocation=allocation))
         how = f"seeded stratified selection (seed {seed}, {allocation} allocation)"
+        if excluded:
+            how += f", from the {len(free)} samples not in {Path(exclude_file).name}"
     records = [sample_record(samples[p], thresholds, expression_index) for p in positions]
     counts = {d: sum(r["difficulty"] == d for r in records) for d in ("easy", "medium", "hard")}
     write_subset(
@@ -175,6 +196,7 @@ def make_subset(
         difficulty_counts=counts,
         dataset_size=len(samples),
         sample_records=records,
+        disjoint_from=Path(exclude_file).stem if exclude_file else None,
     )
     log.info("subset %s: %d samples %s (%s)", name, len(records), counts, how)
     return read_json(out_path)
@@ -324,7 +346,7 @@ def predict(
                         prompt=text,
                         image=enc,
                         schema=schema,
-                        meta={"s": s.sample_id, "p": pid, "params": params},
+                        meta={"s": s.sample_id, "p": pid, "params": params, "e": rec["expression"]},
                     )
                 )
                 sizes.append((enc.width, enc.height))
@@ -341,10 +363,10 @@ def predict(
                 continue
             res, size = results[slot], sizes[slot]
             m = res.meta
-            box, kind = None, None
+            box, kind, n_boxes = None, None, 0
             if res.ok:
-                parsed = parse_bbox(res.text, coords, size, resize=resize)
-                box, kind = parsed.box, parsed.failure
+                parsed = parse_bbox(res.text, coords, size, resize=resize, expression=m.get("e"))
+                box, kind, n_boxes = parsed.box, parsed.failure, parsed.n_boxes
             else:
                 kind = res.failure_kind or "error"
             row = prediction_row(
@@ -352,12 +374,17 @@ def predict(
             )
             row["error"] = res.error if not res.ok else (None if kind is None else f"parse: {kind}")
             row["attempts"] = int(res.attempts)
+            row["n_boxes"] = int(n_boxes)
             rows.append(row)
-    df = pd.DataFrame(rows, columns=[*PREDICTION_COLUMNS, "error", "attempts"])
+    for row in rows:
+        row.setdefault("n_boxes", 0)
+    df = pd.DataFrame(rows, columns=[*PREDICTION_COLUMNS, "error", "attempts", "n_boxes"])
     with atomic_path(out_path) as tmp:
         df.to_parquet(tmp, index=False)
     n_fail = int((df["status"] != "ok").sum())
     stats.update(
+        answers_with_several_boxes=int((df["n_boxes"] > 1).sum()),
+        several_boxes_rule="the box whose label equals the expression, else the first",
         n_predictions=len(df),
         n_failed_predictions=n_fail,
         failed_predictions_by_kind=df.loc[df["status"] != "ok", "failure_kind"]
@@ -646,12 +673,43 @@ def chosen_thresholds(thresholds_json: Mapping, source) -> tuple[list[float], st
     return [float(t) for t in entry["exact"]["thresholds"]], f"exact MI optimum for {source}"
 
 
-def compute_boundary(ious: str, drift: str | None, thresholds: str, out_path: str, *, source) -> None:
-    """``boundary.json``: both boundary definitions, severity, rates by difficulty, failures, Spearman."""
-    mat, diffs, _ = read_ious(ious)
+def compute_boundary(
+    ious: str,
+    drift: str | None,
+    thresholds: str,
+    out_path: str,
+    *,
+    source,
+    semantic_source="semantic_drift",
+    own_thresholds: str | None = None,
+    thresholds_subset: str | None = None,
+    subset: str | None = None,
+) -> None:
+    """``boundary.json``: geometric (both definitions) and semantic boundary samples, their overlap,
+    severity, rates by difficulty, failures, Spearman, and the seeds' checks as flags.
+
+    ``thresholds`` is the ``thresholds.json`` the samples are classified with: this subset's own
+    (in-sample) or that of the threshold subset ``thresholds_subset`` (out-of-sample); then
+    ``own_thresholds`` (this subset's own ``thresholds.json``) adds the in-sample rates beside.
+    """
+    from vlmrel.grounding.analysis import boundary_overlap, seed_checks, semantic_boundary
+    from vlmrel.grounding.thresholds import mutual_information
+
+    mat, diffs, mags = read_ious(ious)
     d = read_drift(drift, mat) if drift else None
-    ts, how = chosen_thresholds(read_json(thresholds), source)
+    tj = read_json(thresholds)
+    ts, how = chosen_thresholds(tj, source)
+    learned = isinstance(source, str) and source in SIGNALS  # else given (a config list, the baseline)
+    out_of_sample = learned and bool(thresholds_subset) and thresholds_subset != subset
+    if out_of_sample:
+        how = f"{how}, chosen on subset {thresholds_subset}"
     report = boundary_report(mat, diffs, ts, thresholds_source=how, drift=d)
+    report["subset"] = subset
+    report["thresholds_subset"] = (thresholds_subset if out_of_sample else subset) if learned else None
+    report["out_of_sample"] = out_of_sample
+    report["thresholds_kind"] = (
+        ("out-of-sample" if out_of_sample else "in-sample") if learned else "given (not learned)"
+    )
     region = read_drift(drift, mat, "region_drift") if drift else None
     if region is not None:
         drop = mat.iou_original[:, None] - mat.iou_perturbed
@@ -659,14 +717,74 @@ def compute_boundary(ious: str, drift: str | None, thresholds: str, out_path: st
             "pairs": _spearman(drop, region),
             "sample_means": _spearman(_row_nanmean(drop), _row_nanmean(region)),
         }
+    geometric = report["thresholds"]["boundary_000"]["samples"]
+    if d is not None:
+        try:
+            ts_sem, how_sem = chosen_thresholds(tj, semantic_source)
+        except ValueError as exc:
+            log.warning("semantic boundary samples: %s", exc)
+            report["semantic"] = {"note": str(exc)}
+        else:
+            if out_of_sample and isinstance(semantic_source, str) and semantic_source != "baseline":
+                how_sem = f"{how_sem}, chosen on subset {thresholds_subset}"
+            report["semantic"] = semantic_boundary(mat, diffs, d, ts_sem, how_sem)
+            report["overlap"] = boundary_overlap(mat.sample_ids, geometric, report["semantic"]["samples"])
+    else:
+        report["semantic"] = {"note": "no semantic drift (grounding.drift.enabled is false)"}
+    # MI gain of the chosen thresholds over the baseline on this subset's own pairs
+    sig_name = source if isinstance(source, str) and source in SIGNALS else "perturbation_magnitude"
+    sig = signals(mat, mags, d).get(sig_name)
+    gain, detail = None, None
+    if sig is not None:
+        n_bins, binning = int(tj.get("n_bins", 20)), tj.get("binning", "width")
+        mi_c = mutual_information(mat.iou_perturbed, sig, ts, n_bins, binning)
+        mi_b = mutual_information(mat.iou_perturbed, sig, BASELINE_THRESHOLDS, n_bins, binning)
+        gain = 100.0 * (mi_c - mi_b) / mi_b if mi_b > 0 else None
+        entry = tj["signals"].get(sig_name) or {}
+        detail = {
+            "signal": sig_name,
+            "mi_chosen": mi_c,
+            "mi_baseline": mi_b,
+            "n_bins": n_bins,
+            "binning": binning,
+            "in_sample_gain_pct_on_threshold_subset": (entry.get("baseline") or {}).get(
+                "exact_improvement_pct"
+            )
+            if sig_name == source
+            else None,
+        }
+        if gain is None:
+            detail["note"] = "undefined: the baseline's MI is 0"
+    rho = report.get("spearman_iou_drop_vs_semantic_drift", {}).get("pairs", {}).get("rho")
+    report["checks"] = seed_checks(
+        mat,
+        boundary_rate=report["thresholds"]["boundary_000"]["rate"],
+        rho=rho,
+        mi_gain_pct=gain,
+        mi_gain_detail=detail,
+    )
+    if own_thresholds and out_of_sample:
+        own, own_how = chosen_thresholds(read_json(own_thresholds), source)
+        ref = boundary_report(mat, diffs, own, thresholds_source=own_how)
+        report["in_sample_reference"] = {
+            "what": "the same samples classified with thresholds chosen on this subset itself (optimistic)",
+            "thresholds": own,
+            "thresholds_source": own_how,
+            "boundary_000": {"rate": ref["thresholds"]["boundary_000"]["rate"]},
+            "boundary_001": {"rate": ref["thresholds"]["boundary_001"]["rate"]},
+        }
     write_json(out_path, report)
     log.info(
-        "boundary: %s rate %.3f, %s rate %s; failure rate %.3f",
-        "boundary_000",
+        "boundary (%s): boundary_000 rate %.3f, boundary_001 rate %s, semantic rate %s; failure rate %.3f; "
+        "checks %d pass, %d fail, %d undefined",
+        "out-of-sample" if out_of_sample else "in-sample",
         report["thresholds"]["boundary_000"]["rate"] or 0.0,
-        "boundary_001",
         report["thresholds"]["boundary_001"]["rate"],
+        report["semantic"].get("rate"),
         report["failure_rate"]["overall"] or 0.0,
+        report["checks"]["n_pass"],
+        report["checks"]["n_fail"],
+        report["checks"]["n_undefined"],
     )
 
 

@@ -11,8 +11,11 @@ Given paired observations ``(iou_i, s_i)`` (failures removed) and ``k`` sorted t
   equal-width bins over ``[min(s), max(s)]``, bin ``b = min(floor((s - min) / (max - min) * n_bins),
   n_bins - 1)``; a constant signal puts everything in bin 0. ``binning="quantile"``: edges at the
   ``b / n_bins`` quantiles, ``b = searchsorted(inner_edges, s, side="right")`` (ties may empty bins).
-  (The seed's ``np.digitize(s, linspace(min, max, n_bins))`` made ``n_bins + 1`` bins with the
-  maximum alone in the last; we use exactly ``n_bins``.)
+  ``binning="seed"``: notebook 02's ``np.digitize(s, linspace(min, max, n_bins))`` exactly, labels
+  ``0 .. n_bins`` (``n_bins + 1`` bins: label 0 is always empty, ``n_bins - 1`` equal-width bins of
+  width ``(max - min) / (n_bins - 1)``, and the maximum alone in the last, label ``n_bins``; a
+  constant signal is all label ``n_bins``). Use it to match the seed's MI values;
+  :func:`n_bin_labels` gives the number of labels of a rule.
 * ``MI = sum_{c,s} p(c,s) log(p(c,s) / (p(c) p(s)))`` in **nats** (natural log, like
   ``sklearn.metrics.mutual_info_score``), with empirical probabilities.
 
@@ -69,7 +72,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BASELINE_THRESHOLDS: tuple[float, ...] = (0.3, 0.5, 0.7)
-BINNINGS = ("width", "quantile")
+BINNINGS = ("width", "quantile", "seed")
 
 
 def iou_to_class(iou: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
@@ -81,8 +84,15 @@ def iou_to_class(iou: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     return classes
 
 
+def n_bin_labels(n_bins: int, binning: str = "width") -> int:
+    """How many bin labels :func:`bin_signal` can give: ``n_bins``, or ``n_bins + 1`` for ``seed``."""
+    if binning not in BINNINGS:
+        raise ValueError(f"unknown binning {binning!r}; choose one of {BINNINGS}")
+    return n_bins + 1 if binning == "seed" else n_bins
+
+
 def bin_signal(signal: np.ndarray, n_bins: int = 20, binning: str = "width") -> np.ndarray:
-    """Bin a finite 1-D signal into ``n_bins`` bins (see the module docstring for the rule)."""
+    """Bin a finite 1-D signal into labels ``0 .. n_bin_labels(n_bins, binning) - 1`` (module docstring)."""
     s = np.asarray(signal, dtype=float).ravel()
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -99,6 +109,8 @@ def bin_signal(signal: np.ndarray, n_bins: int = 20, binning: str = "width") -> 
     if binning == "quantile":
         inner = np.quantile(s, np.arange(1, n_bins) / n_bins)
         return np.searchsorted(inner, s, side="right").astype(int)
+    if binning == "seed":
+        return np.digitize(s, np.linspace(s.min(), s.max(), n_bins)).astype(int)
     raise ValueError(f"unknown binning {binning!r}; choose one of {BINNINGS}")
 
 
@@ -511,7 +523,7 @@ def optimal_thresholds(
     if iou.min() < 0 or iou.max() > 1:
         raise ValueError("optimal_thresholds: IoU values must lie in [0, 1]")
     bins = bin_signal(signal, n_bins, binning)
-    g = _groups(iou, bins, n_bins)
+    g = _groups(iou, bins, n_bin_labels(n_bins, binning))
     starts = _merge_proportional(g.counts)
     block_counts = np.add.reduceat(g.counts, starts, axis=0)  # [M, B]
     # cut between block j-1 and j lies at the midpoint of the two distinct values around it

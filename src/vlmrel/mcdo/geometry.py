@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from vlmrel.io import atomic_path
-from vlmrel.reliability import reliability
+from vlmrel.mcdo.reliability import reliability
 
 #: Per-image outputs of the geometry computation, in a stable order.
 GEOMETRY_KEYS = (

@@ -62,6 +62,9 @@ DEMO_CLASS_NAMES = (
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
+#: The templates of exp5's prompt sensitivity (seed 002, section 8d).
+SENSITIVITY_TEMPLATES = ("a photo of a {}", "a {}", "an image of a {}")
+
 #: The seed's exp5 sanity thresholds (section 6).
 SANITY = {"rho_uncertainty_vs_entropy": 0.3, "auroc_high_entropy": 0.6}
 
@@ -133,8 +136,6 @@ def _l2(x: Any) -> np.ndarray:
     return a / n
 
 
-
-
 def zero_shot_probs(
     image_features: Any,
     text_features: Any,
@@ -174,14 +175,45 @@ def margin(probs: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
+def prompt_sensitivity(max_probs: np.ndarray) -> np.ndarray:
+    """Per image, the sample variance (ddof 1) of its maximum class probability across templates.
+
+    ``max_probs`` is [N, n_templates]: column j holds each image's top-1 zero-shot probability under
+    template j (:data:`SENSITIVITY_TEMPLATES` by default). High values: the answer's confidence
+    depends on how the question is phrased.
+    """
+    m = np.asarray(max_probs, dtype=np.float64)
+    if m.ndim != 2 or m.shape[1] < 2:
+        raise ValueError(f"max_probs must be [N, n_templates >= 2], got shape {m.shape}")
+    return m.var(axis=1, ddof=1)
+
+
+def template_max_probs(
+    image_features: Any,
+    encode_text: Callable[[list[str]], Any],
+    class_names: Sequence[str],
+    logit_scale: float,
+    logit_bias: float | None = None,
+    templates: Sequence[str] = SENSITIVITY_TEMPLATES,
+) -> np.ndarray:
+    """[N, len(templates)]: each image's top-1 zero-shot probability under each template."""
+    kind = "sigmoid" if logit_bias is not None else "softmax"
+    cols = []
+    for template in templates:
+        txt, reason = text_features_or_reason(encode_text, make_prompts(class_names, template))
+        if txt is None:
+            raise ValueError(f"prompt sensitivity: {reason}")
+        probs = zero_shot_probs(image_features, txt, logit_scale, logit_bias, kind=kind)
+        cols.append(probs.max(axis=1))
+    return np.stack(cols, axis=1)
+
+
 def entropy(probs: np.ndarray) -> np.ndarray:
     """Shannon entropy per row in nats (0 ln 0 = 0)."""
     p = np.asarray(probs, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * np.log(p), 0.0)
     return -terms.sum(axis=1)
-
-
 
 
 def ambiguity_stats(

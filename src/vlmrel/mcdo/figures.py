@@ -1,8 +1,9 @@
-"""Figures for exp0b, exp4, exp5, the convergence sweep and Phase 2 (exp1, exp2, exp3).
+"""mcdo figures: exp0 (reliability against T, score distributions), exp0b, exp4, exp5, the
+convergence sweep and Phase 2 (exp1, exp2, exp3).
 
-Matplotlib with the Agg backend; every figure is saved atomically as PNG through
-:func:`vlmrel.io.atomic_path`. Inputs are the arrays and result dicts of :mod:`vlmrel.geometry`,
-:mod:`vlmrel.ambiguity`, :mod:`vlmrel.gate` and :mod:`vlmrel.phase2`.
+Matplotlib with the Agg backend; every figure is saved atomically through
+:func:`vlmrel.figures.save_figure`. Inputs are the arrays and result dicts of the analyses in
+:mod:`vlmrel.mcdo` (reliability, geometry, ambiguity, gate, comparisons).
 """
 
 from __future__ import annotations
@@ -11,15 +12,79 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib.ticker as mticker
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
 from vlmrel.figures import plt, save_figure
-from vlmrel.reliability import THRESHOLDS
+from vlmrel.mcdo.reliability import SPACES, THRESHOLDS, Trials
 
 _PathLike = str | os.PathLike[str]
 
+# --------------------------------------------------------------------------- exp0: reliability and scores
 
+_METRICS = (
+    (
+        "spearman_median",
+        "median pairwise Spearman",
+        (THRESHOLDS["spearman_marginal"], THRESHOLDS["spearman_usable"]),
+    ),
+    ("icc", "ICC(1,1)", (THRESHOLDS["icc_usable"],)),
+    ("snr", "SNR", (THRESHOLDS["snr_marginal"], THRESHOLDS["snr_usable"])),
+)
+_SPACE_STYLE = {"pre": dict(marker="o", ls="-"), "post": dict(marker="s", ls="--")}
+
+
+def reliability_vs_T(summary: dict, path: str | os.PathLike[str], dpi: int = 120) -> None:
+    """Three panels (Spearman, ICC, SNR) against T, pre and post normalisation, thresholds drawn."""
+    ts = summary["T"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for ax, (key, label, lines) in zip(axes, _METRICS, strict=True):
+        for space in SPACES:
+            vals = [summary["reliability"][space][str(t)][key] for t in ts]
+            vals = [np.nan if v is None else v for v in vals]
+            ax.plot(ts, vals, label=f"{space}-normalisation", **_SPACE_STYLE[space])
+        for y, name in zip(lines, ("marginal", "usable") if len(lines) == 2 else ("usable",), strict=True):
+            ax.axhline(y, color="grey", lw=0.8, ls=":")
+            ax.annotate(name, (ts[0], y), textcoords="offset points", xytext=(2, 2), fontsize=8, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ts, [str(t) for t in ts])
+        ax.set_xlabel("T (MC passes)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "snr":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(
+        f"{summary['model']}: reliability of the MC-dropout trace across {summary['n_trials']} trials "
+        f"(N={summary['n_images']}, p={summary['p']:g}); best status: {summary['best_status']}"
+    )
+    save_figure(fig, path, dpi)
+
+
+def score_distributions(
+    trials_by_model: Sequence[tuple[str, Trials]], path: str | os.PathLike[str], dpi: int = 120
+) -> None:
+    """Per-image uncertainty (trial mean of the trace at T_max) per model, pre and post, log scale."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    for ax, space in zip(axes, SPACES, strict=True):
+        data, labels = [], []
+        for model, trials in trials_by_model:
+            t_max = max(trials.T)
+            per_image = trials.scores(space, t_max).mean(axis=0)
+            data.append(np.log10(np.clip(per_image, 1e-30, None)))
+            labels.append(f"{model}\n(T={t_max})")
+        ax.violinplot(data, showmedians=True)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(np.full(d.shape, i) + np.linspace(-0.08, 0.08, d.size), d, s=6, alpha=0.6, color="k")
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        ax.set_ylabel("log10 trace / D")
+        ax.set_title(f"uncertainty {space}-normalisation")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Distribution of per-image MC-dropout uncertainty (mean over trials)")
+    save_figure(fig, path, dpi)
 
 
 def _means(a: Any) -> np.ndarray:
@@ -162,17 +227,8 @@ def ambiguity_scatter(
 def convergence_curve(conv: Mapping[str, Any], path: _PathLike, dpi: int = 120) -> None:
     """Convergence sweep: Spearman, ICC and SNR against T per space, thresholds and the knee marked."""
     ts = conv["T"]
-    metrics = (
-        (
-            "spearman_median",
-            "median pairwise Spearman",
-            (THRESHOLDS["spearman_marginal"], THRESHOLDS["spearman_usable"]),
-        ),
-        ("icc", "ICC(1,1)", (THRESHOLDS["icc_usable"],)),
-        ("snr", "SNR", (THRESHOLDS["snr_marginal"], THRESHOLDS["snr_usable"])),
-    )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
-    for ax, (key, label, lines) in zip(axes, metrics, strict=True):
+    for ax, (key, label, lines) in zip(axes, _METRICS, strict=True):
         for i, (space, curves) in enumerate(conv["curves"].items()):
             vals = [np.nan if v is None else v for v in curves.get(key, [None] * len(ts))]
             ax.plot(ts, vals, marker="os"[i % 2], ls=("-", "--")[i % 2], color=f"C{i}", label=space)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from vlmrel.reliability import reliability
+from vlmrel.mcdo.reliability import reliability
 
 
 def _as_kn(scores: Any, what: str) -> np.ndarray:

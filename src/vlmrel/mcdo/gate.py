@@ -1,6 +1,6 @@
 """The go/no-go gate after Phase 1 and the convergence sweep (seed 002, sections 6 and 7).
 
-Decision tree on exp0's overall summary (:func:`vlmrel.summary.overall_summary`):
+Decision tree on exp0's overall summary (:func:`vlmrel.mcdo.reliability.overall_summary`):
 
 1. any model at any T (either space) ``usable`` -> ``proceed`` (Phase 2 runs);
 2. otherwise the best status is ``marginal`` -> ``convergence_sweep``: exp0 again on a small N
@@ -220,7 +220,7 @@ def convergence_summary(
     metrics: Sequence[str] = ("spearman_median", "icc", "snr"),
     knee_metric: str = "spearman_median",
 ) -> dict[str, Any]:
-    """Reliability-against-T curves of one model's sweep summary (:func:`vlmrel.summary.model_summary`)
+    """Reliability-against-T curves of one model's sweep summary (:func:`vlmrel.mcdo.reliability.model_summary`)
     and the knee of ``knee_metric`` per space."""
     ts = list(model_summary["T"])
     out: dict[str, Any] = {"model": model_summary["model"], "T": ts, "tol": tol, "knee_metric": knee_metric}

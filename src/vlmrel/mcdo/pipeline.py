@@ -1,0 +1,325 @@
+"""The mcdo chain's job-level steps: one entry per stage, called by ``scripts/mcdo_*.py``.
+
+Each function reads its input files, calls the analysis modules of :mod:`vlmrel.mcdo` and writes
+its outputs atomically. What varies between experiments comes from the registry
+(:mod:`vlmrel.mcdo.registry`): the analysis and figure of an experiment are looked up by its name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vlmrel.io import read_json, write_json
+from vlmrel.mcdo.analyses import SCORE_SPACE, ArmRuns, trial_scores
+from vlmrel.mcdo.registry import EXPERIMENTS
+
+PathLike = str | os.PathLike[str]
+log = logging.getLogger(__name__)
+
+
+# ---- MC-dropout trials ---------------------------------------------------------------------------
+
+
+def trial(
+    pixels_h5: PathLike,
+    out: PathLike,
+    *,
+    exp: str,
+    model: str,
+    kind: str,
+    p: float,
+    k: int,
+    seed: int,
+    T: Sequence[int],
+    precision: str,
+    batch_size: int,
+    num_images: int | None,
+    device: str,
+    geometry: bool = False,
+) -> None:
+    """One MC-dropout trial: max(T) stochastic passes per image, trace snapshots at every T; with
+    ``geometry`` (a geometry experiment), the per-image covariance geometry of the same passes instead."""
+    from vlmrel.mcdo.dropout import run_trial, save_trial
+    from vlmrel.models import load_encoder
+    from vlmrel.pixels import iter_batches, read_pixel_meta
+
+    n_total = read_pixel_meta(pixels_h5)["n_images"]
+    n = n_total if num_images is None else min(num_images, n_total)
+    if num_images is not None and n < num_images:
+        log.warning("num_images=%d asked, only %d accepted images in %s", num_images, n, pixels_h5)
+    collector = None
+    if geometry:
+        from vlmrel.mcdo.geometry import GeometryCollector
+
+        collector = GeometryCollector(n, max(T))
+    encoder = load_encoder(model, device=device, precision=precision)
+    result = run_trial(
+        encoder,
+        iter_batches(pixels_h5, batch_size, indices=range(n)),
+        p=float(p),
+        seed=seed,
+        trial=int(k),
+        T_list=sorted(T),
+        kind=kind,
+        on_pass=collector.on_pass if collector else None,
+    )
+    meta = {"experiment": exp, "model": model, "p": float(p), "seed": seed, "trial": int(k), "kind": kind}
+    if collector:
+        from vlmrel.mcdo.geometry import save_geometry
+
+        save_geometry(out, collector.result(), result.image_id, {**result.meta, **meta})
+    else:
+        save_trial(out, result, meta)
+    log.info("%s trial %s of %s: %d images, T=%s", exp, k, model, len(result.image_id), result.T)
+
+
+# ---- summaries -----------------------------------------------------------------------------------
+
+
+def reliability_summary(
+    trial_paths: Sequence[PathLike], out: PathLike, *, model: str, p: float, knee_tol: float | None = None
+) -> dict[str, Any]:
+    """Reliability of one model's trace across its K trials, for every T, pre and post; with
+    ``knee_tol`` (the convergence sweep) also the knee where Spearman saturates."""
+    from vlmrel.mcdo.gate import convergence_summary
+    from vlmrel.mcdo.reliability import load_trials, model_summary
+
+    summary = model_summary(load_trials(list(trial_paths)), model, p)
+    if knee_tol is not None:
+        summary["convergence"] = convergence_summary(summary, tol=knee_tol)
+    write_json(out, summary)
+    log.info("%s: best status %s at %s", summary["model"], summary["best_status"], summary["best_at"])
+    return summary
+
+
+def reliability_overall(summary_paths: Sequence[PathLike], out: PathLike) -> dict[str, Any]:
+    """The overall summary over models (exp0's is the gate's input)."""
+    from vlmrel.mcdo.reliability import overall_summary
+
+    overall = overall_summary([read_json(path) for path in summary_paths])
+    write_json(out, overall)
+    log.info("overall best status: %s", overall["best_status"])
+    return overall
+
+
+def experiment_summary(exp: str, model: str, arms: Sequence[ArmRuns], out: PathLike) -> dict[str, Any]:
+    """The summary of one (experiment, model): the registry entry's analysis on its arms."""
+    result = EXPERIMENTS[exp].analysis(arms)
+    summary = {**result, "experiment": exp, "model": model, "score": f"trace_{SCORE_SPACE} at max T"}
+    write_json(out, summary)
+    return summary
+
+
+def arms_with_files(records: Sequence[Mapping[str, Any]]) -> list[ArmRuns]:
+    """``(arm, files)`` pairs from the records the rules pass (each record carries its ``files``)."""
+    return [({k: v for k, v in r.items() if k != "files"}, list(r["files"])) for r in records]
+
+
+# ---- exp2's pixels and exp5's ambiguity -----------------------------------------------------------
+
+
+def write_synthetic_pixels(
+    manifest_tsv: PathLike,
+    root: PathLike,
+    spec: Mapping[str, Any],
+    out_h5: PathLike,
+    *,
+    kinds: Sequence[str],
+    seed: int,
+    blur_frac: float,
+    shuffle_grid: int,
+    num_images: int | None,
+) -> None:
+    """exp2's pixel file: each of the first ``num_images`` natural images followed by its synthetic
+    versions (ids '<image_id>__<kind>'), decoded once, streamed in chunks."""
+    from itertools import islice
+
+    from vlmrel.mcdo.synthetic import make_synthetic, synthetic_id
+    from vlmrel.pixels import iter_manifest_images, write_pixel_images
+
+    ids, natural = iter_manifest_images(manifest_tsv, root)
+    n = len(ids) if num_images is None else min(num_images, len(ids))
+    all_ids = [j for i in ids[:n] for j in (i, *(synthetic_id(i, k) for k in kinds))]
+
+    def images():
+        for image_id, img in zip(ids[:n], islice(natural, n), strict=True):
+            yield img
+            for kind in kinds:
+                yield make_synthetic(
+                    img, kind, image_id, seed, blur_frac=blur_frac, shuffle_grid=shuffle_grid
+                )
+
+    write_pixel_images(all_ids, images(), spec, out_h5)
+
+
+def ambiguity(
+    trial_paths: Sequence[PathLike],
+    pixels_h5: PathLike,
+    model: str,
+    *,
+    class_names: str | Sequence[str],
+    prompt_template: str,
+    high_entropy_quantile: float,
+    precision: str,
+    batch_size: int,
+    device: str,
+    summary_path: PathLike,
+    per_image_path: PathLike,
+) -> dict[str, Any]:
+    """exp5 for one model: zero-shot probabilities from the model's own text tower (deterministic
+    features, no dropout) against the MC-dropout uncertainty of its trials. A model without a usable
+    text tower is recorded as skipped with the reason, and its per-image table is left empty."""
+    import pandas as pd
+    import torch
+
+    from vlmrel.io import atomic_path
+    from vlmrel.mcdo import ambiguity as amb
+    from vlmrel.models import load_encoder
+    from vlmrel.pixels import iter_batches
+
+    ids, scores = {}, {}
+    for space in ("pre", "post"):
+        ids[space], scores[space] = trial_scores(trial_paths, space)
+    image_id = ids["pre"]
+    names = amb.load_class_names(class_names)
+    encoder = load_encoder(model, device=device, precision=precision)
+    txt, reason = amb.text_features_or_reason(encoder.encode_text, amb.make_prompts(names, prompt_template))
+    if txt is None:
+        summary = {"model": model, **amb.skipped(reason)}
+        with atomic_path(per_image_path) as tmp:
+            pd.DataFrame(columns=["image_id", "uncertainty", "entropy", "margin", "top1", "p_top1"]).to_csv(
+                tmp, sep="\t", index=False
+            )
+        write_json(summary_path, summary)
+        return summary
+    feats, seen = [], []
+    with torch.inference_mode():
+        for batch_ids, pixels in iter_batches(pixels_h5, batch_size, indices=range(len(image_id))):
+            feats.append(encoder.encode_image(pixels).float().cpu().numpy())
+            seen.extend(batch_ids)
+    if seen != image_id:
+        raise ValueError(f"{pixels_h5}: image order differs from the trials of {model}")
+    probs = amb.zero_shot_probs(
+        np.concatenate(feats),
+        txt,
+        encoder.logit_scale,
+        encoder.logit_bias,
+        kind="sigmoid" if encoder.logit_bias is not None else "softmax",
+    )
+    u = {space: s.mean(axis=0) for space, s in scores.items()}
+    stats = {space: amb.ambiguity_stats(u[space], probs, high_entropy_quantile) for space in u}
+    summary = {
+        "model": model,
+        "skipped": False,
+        "uncertainty": f"trace_{SCORE_SPACE} at max T, mean over trials",
+        "n_trials": int(scores["pre"].shape[0]),
+        "classes": names,
+        "prompt_template": prompt_template,
+        **stats[SCORE_SPACE],
+        "by_space": stats,
+    }
+    amb.save_per_image(per_image_path, image_id, u[SCORE_SPACE], probs, names)
+    write_json(summary_path, summary)
+    return summary
+
+
+def ambiguity_overall(
+    summary_paths: Sequence[PathLike], out: PathLike, *, exp: str, settings: Mapping[str, Any]
+) -> None:
+    """exp5's overall summary over models (skipped models keep their reason)."""
+    from vlmrel.mcdo.ambiguity import exp5_overall_summary
+
+    per_model = {s["model"]: s for s in map(read_json, summary_paths)}
+    summary = exp5_overall_summary(per_model, settings)
+    summary["experiment"] = exp
+    write_json(out, summary)
+
+
+# ---- the gate ------------------------------------------------------------------------------------
+
+
+def gate(
+    overall_path: PathLike, out_path: PathLike, *, force: bool, sweep_path: PathLike | None = None
+) -> dict[str, Any]:
+    """gate.json (or gate_after_sweep.json when the sweep's overall summary is given)."""
+    from vlmrel.mcdo.gate import decide_gate
+
+    sweep = read_json(sweep_path) if sweep_path else None
+    decision = decide_gate(read_json(overall_path), force=force, sweep_summary=sweep)
+    write_json(out_path, decision)
+    log.info("gate: %s (run Phase 2: %s)", decision["decision"], decision["run_phase2"])
+    return decision
+
+
+def phase_note(gate_path: PathLike, out: PathLike) -> None:
+    """The negative-result note written instead of the later phases when the gate says stop."""
+    from vlmrel.io import atomic_path
+    from vlmrel.mcdo.gate import negative_result_note
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(negative_result_note(read_json(gate_path)), encoding="utf-8")
+
+
+# ---- figures -------------------------------------------------------------------------------------
+
+
+def reliability_figure(summary: PathLike, out: PathLike, *, dpi: int) -> None:
+    from vlmrel.mcdo.figures import reliability_vs_T
+
+    reliability_vs_T(read_json(summary), out, dpi=dpi)
+
+
+def scores_figure(runs_by_model: Mapping[str, Sequence[PathLike]], out: PathLike, *, dpi: int) -> None:
+    from vlmrel.mcdo.figures import score_distributions
+    from vlmrel.mcdo.reliability import load_trials
+
+    score_distributions([(m, load_trials(list(p))) for m, p in runs_by_model.items()], out, dpi=dpi)
+
+
+def convergence_figure(summary: PathLike, out: PathLike, *, dpi: int) -> None:
+    from vlmrel.mcdo.figures import convergence_curve
+
+    convergence_curve(read_json(summary)["convergence"], out, dpi=dpi)
+
+
+def geometry_figure(runs_by_model: Mapping[str, Sequence[PathLike]], out: PathLike, *, dpi: int) -> None:
+    from vlmrel.mcdo.figures import geometry_distributions
+    from vlmrel.mcdo.geometry import load_geometry
+
+    stacks = {m: load_geometry(list(paths))[1] for m, paths in runs_by_model.items()}
+    geometry_distributions(stacks, out, dpi=dpi)
+
+
+def experiment_figure(
+    exp: str, model: str, summary: PathLike, arms: Sequence[ArmRuns], out: PathLike, *, dpi: int
+) -> None:
+    """The figure of one (experiment, model): the registry entry's plot function."""
+    EXPERIMENTS[exp].plot(read_json(summary), arms, out, model, dpi)
+
+
+def ambiguity_figure(
+    exp: str, model: str, summary: PathLike, per_image: PathLike, out: PathLike, *, dpi: int
+) -> None:
+    import pandas as pd
+
+    from vlmrel.mcdo import figures as pf
+
+    s = read_json(summary)
+    if s.get("skipped"):
+        pf.skipped_figure(f"{exp} {model}", s["reason"], out, dpi=dpi)
+        return
+    table = pd.read_csv(per_image, sep="\t")
+    pf.ambiguity_scatter(
+        table["uncertainty"].to_numpy(),
+        table["entropy"].to_numpy(),
+        table["margin"].to_numpy(),
+        out,
+        model,
+        s,
+        dpi=dpi,
+    )

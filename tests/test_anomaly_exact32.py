@@ -1,0 +1,163 @@
+"""Exact metrics of float32 scores (coarse pass + refinement passes) against scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from vlmrel.anomaly import PerImageAccumulator, exact_metrics
+from vlmrel.anomaly import exact32 as E
+
+
+def sk_metrics(scores: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict:
+    fpr, tpr, _ = roc_curve(y, scores, drop_intermediate=False)
+    return {
+        "auroc": roc_auc_score(y, scores),
+        "aupr": average_precision_score(y, scores),
+        "fpr95": fpr[np.argmax(tpr >= level)],
+    }
+
+
+def assert_equal_sklearn(got: dict, s: np.ndarray, y: np.ndarray, level: float = 0.95) -> None:
+    ref = sk_metrics(s, y, level)
+    for k in ("auroc", "aupr", "fpr95"):
+        assert abs(got[k] - ref[k]) <= 1e-9, (k, got[k], ref[k])
+
+
+def ulp_ties(rng: np.random.Generator, n: int, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse values shared by both labels, anomalies one ulp above, below or on the normals."""
+    y = rng.random(n) < rate
+    base = (np.round(rng.standard_normal(n) * 8) / 8 + 0.6 * y).astype(np.float32)
+    shift = rng.integers(-1, 2, n)
+    s = base.copy()
+    s[y & (shift > 0)] = np.nextafter(base[y & (shift > 0)], np.float32(np.inf))
+    s[y & (shift < 0)] = np.nextafter(base[y & (shift < 0)], np.float32(-np.inf))
+    return s, y
+
+
+@pytest.mark.parametrize("seed,rate", [(0, 0.01), (1, 0.3), (2, 0.5), (3, 0.05)])
+def test_one_ulp_apart_across_labels_equals_sklearn(seed, rate):
+    s, y = ulp_ties(np.random.default_rng(seed), 40_000, rate)
+    assert np.unique(s).size < s.size and not np.array_equal(s.astype(np.float16).astype(np.float32), s)
+    got = exact_metrics(s, y)
+    assert_equal_sklearn(got, s, y)
+    assert got["quantization"] == {**got["quantization"], "exact": True, "score_precision": "float32"}
+    passes = E.exact_metrics_float32(s, y, method="passes", max_refine_mb=0.2)
+    assert passes["passes"] > 1
+    for k in ("auroc", "aupr", "fpr95", "n_anomaly", "n_normal"):
+        assert passes[k] == pytest.approx(got[k], abs=1e-12), k
+
+
+@pytest.mark.parametrize("max_refine_mb", [0.01, 0.1, 1.0, 512.0])
+def test_many_refinement_passes_give_the_same_result(max_refine_mb):
+    rng = np.random.default_rng(4)
+    y = rng.random(30_000) < 0.1
+    s = (rng.standard_normal(30_000) + y).astype(np.float32)
+    got = E.exact_metrics_float32(s, y, max_refine_mb=max_refine_mb, method="passes")
+    assert_equal_sklearn(got, s, y)
+    if max_refine_mb == 0.01:
+        assert got["passes"] > 20  # a tiny budget: many passes, the same answer
+    if max_refine_mb == 512.0:
+        assert got["passes"] == 2
+
+
+@pytest.mark.parametrize("finish_entries", [1 << 20, 1000])
+def test_dense_and_sparse_bins_together(monkeypatch, finish_entries):
+    monkeypatch.setattr(E, "FINISH_ENTRIES", finish_entries)  # reduce bin by bin, or many at once
+    # a narrow range puts tens of thousands of pixels in a few coarse bins (counted in tables),
+    # the tails leave sparse bins; a tiny budget splits them over several passes
+    rng = np.random.default_rng(12)
+    y = rng.random(200_000) < 0.2
+    s = (1.0 + 0.002 * rng.standard_normal(200_000) + 0.001 * y).astype(np.float32)
+    s[:2000] = rng.standard_normal(2000).astype(np.float32) * 5
+    acc = E.Float32Exact(max_refine_mb=0.6)
+    acc.update(s, y)
+    groups = acc.plan()
+    assert acc._dense_bin.any() and groups > 1
+    for g in range(groups):
+        acc.start_group(g)
+        acc.refine(s, y)
+        acc.finish_group()
+    assert_equal_sklearn(acc.result(), s, y)
+    assert_equal_sklearn(E.exact_metrics_float32(s, y, method="passes"), s, y)
+
+
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_constant_scores(method):
+    y = np.r_[np.ones(7, bool), np.zeros(13, bool)]
+    s = np.full(20, 0.3, np.float32)
+    got = E.exact_metrics_float32(s, y, method=method)
+    assert_equal_sklearn(got, s, y)
+    assert got["auroc"] == 0.5 and got["fpr95"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_single_class(method):
+    s = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    only_normal = E.exact_metrics_float32(s, np.zeros(100, bool), method=method)
+    assert (
+        math.isnan(only_normal["auroc"])
+        and math.isnan(only_normal["aupr"])
+        and math.isnan(only_normal["fpr95"])
+    )
+    only_anomaly = E.exact_metrics_float32(s, np.ones(100, bool), method=method)
+    assert math.isnan(only_anomaly["auroc"]) and only_anomaly["aupr"] == 1.0
+    assert only_anomaly["aupr"] == average_precision_score(np.ones(100, bool), s)
+
+
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_anomaly_only_bins_below_normals_need_their_ties(method):
+    # two anomalies tied vs one ulp apart in a bin of anomalies only, below a normal: AP differs
+    top = np.float32(5.0)
+    a = np.float32(1.0)
+    for second in (a, np.nextafter(a, np.float32(2))):
+        s = np.array([top, a, second, -3.0], np.float32)
+        y = np.array([0, 1, 1, 0], bool)
+        assert_equal_sklearn(E.exact_metrics_float32(s, y, method=method), s, y)
+
+
+@pytest.mark.parametrize("method", ["sort", "passes"])
+def test_signed_zero_infinities_and_nan(method):
+    s = np.array([-0.0, 0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38], np.float32)
+    y = np.array([1, 0, 0, 1, 1, 0, 1], bool)
+    got = E.exact_metrics_float32(s, y, method=method)
+    assert_equal_sklearn(got, np.clip(s.astype(np.float64), -1e300, 1e300), y)
+    with pytest.raises(ValueError, match="NaN"):
+        E.exact_metrics_float32(np.array([0.1, np.nan], np.float32), np.array([1, 0], bool))
+
+
+def test_keys_are_order_preserving():
+    v = np.unique(np.random.default_rng(1).standard_normal(5000).astype(np.float32) * 1e3)
+    keys, lossless = E.float32_keys(v)
+    assert lossless and np.all(np.diff(keys.astype(np.int64)) > 0)
+
+
+def test_streamed_chunks_and_valid_mask_equal_in_memory(monkeypatch):
+    monkeypatch.setattr(E, "CHUNK", 1000)
+    s, y = ulp_ties(np.random.default_rng(7), 12_345, 0.07)
+    valid = np.random.default_rng(8).random(s.size) < 0.8
+    parts = [(s[lo : lo + 777], y[lo : lo + 777], valid[lo : lo + 777]) for lo in range(0, s.size, 777)]
+    got = E.exact_metrics_passes(lambda: parts, tpr_level=0.9, max_refine_mb=1.0)
+    assert_equal_sklearn(got, s[valid], y[valid], 0.9)
+
+
+def test_refinement_on_other_data_is_an_error():
+    rng = np.random.default_rng(2)
+    s = rng.standard_normal(1000).astype(np.float32)
+    y = rng.random(1000) < 0.3
+    acc = E.Float32Exact()
+    acc.update(s, y)
+    acc.start_group(0)
+    acc.refine(s[:500], y[:500])
+    with pytest.raises(RuntimeError, match="other data"):
+        acc.finish_group()
+
+
+def test_per_image_accumulator_is_exact_for_float32():
+    s, y = ulp_ties(np.random.default_rng(5), 5000, 0.2)
+    acc = PerImageAccumulator()
+    m = acc.update(s, y)
+    assert_equal_sklearn(m, s, y)
