@@ -32,8 +32,8 @@ report: "report/workflow.rst"
 # instead of waiting for a scheduler slot. The gate checkpoint stays a cluster job (it is one job).
 localrules:
     mcdo_summary,
+    mcdo_experiment_summary,
     mcdo_overall,
-    mcdo_geometry_summary,
     mcdo_ambiguity_overall,
     mcdo_phase2_note,
     mcdo_figure_reliability,
@@ -49,6 +49,8 @@ localrules:
     teacher_eval,
     teacher_figures,
     grounding_figures,
+    grounding_tables,
+    grounding_in_vs_out,
 
 
 # With device cuda, every rule that asks for a GPU (resources: gpu) goes to the site's GPU

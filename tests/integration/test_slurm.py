@@ -36,6 +36,10 @@ SUMMARIES = [
     "grounding/demo12/thresholds.json",
     "grounding/demo12/boundary.json",
     "grounding/demo12/drift.json",
+    "grounding/demo12/in_vs_out_of_sample.json",
+    "grounding/subsets/demo_t9.json",
+    "grounding/demo_t9/thresholds.json",
+    "grounding/demo_t9/boundary.json",
 ]
 
 
