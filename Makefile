@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 DEMO_CONFIG := config/demo.yaml
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test test-integration bench clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 	$(BIN)/snakemake --lint
 	$(BIN)/snakemake --lint --configfile $(DEMO_CONFIG)
 	$(BIN)/pytest
+
+# Real services on this machine (root; installs slurm-wlm, munge, MariaDB and a Label Studio venv):
+# the demo through profiles/slurm on a one-node cluster, and a Label Studio review round trip.
+test-integration: $(STAMP)
+	BIN=$(BIN) bash ci/integration.sh
 
 bench: $(STAMP)
 	$(BIN)/python -m vlmrel.bench mcdo --json
