@@ -893,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         print(f"# Hugging Face cache: {hub_cache_dir()}")
         for spec in REGISTRY.values():
-            state = "seeded" if not spec.needs_weights else ("cached" if is_cached(spec.name) else "missing")
+            found = "installed" if spec.backend == "timm_wheel" else "cached"
+            state = "seeded" if not spec.needs_weights else (found if is_cached(spec.name) else "missing")
             print(f"{spec.name:16s} {spec.backend:10s} {state:8s} {spec.arch:40s} {spec.description}")
         return 0
     status = 0
