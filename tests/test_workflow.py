@@ -87,10 +87,10 @@ def test_demo_dry_run_lists_the_expected_jobs(tmp_path):
         "all": 1,
         "demo_images": 1,
         "manifest": 1,
-        "pixels": 2,  # tiny_clip and tiny_siglip preprocess differently
+        "pixels": 3,  # tiny_clip, tiny_siglip and effnet_lite0 preprocess differently
         **{rule: n for rule, n in _phase1_counts(cfg["mcdo"]).items() if n},
     }
-    assert counts["mcdo_trial"] == 2 * 4 + 2 * 1 and counts["mcdo_geometry"] == 3 + 2 * 3
+    assert counts["mcdo_trial"] == 3 * 4 + 3 * 1 and counts["mcdo_geometry"] == 3 + 2 * 3
 
 
 def test_full_config_dry_run_at_the_seeds_scale(tmp_path):
