@@ -390,3 +390,57 @@ rule anomaly_classification:
         "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_classification.py"
+
+
+# ---- image-level OOD with a trained classifier (anomaly.image_ood; vlmrel.anomaly.image_ood) ----
+# in-distribution: the real photos of the image manifest; OOD: textures among them and generated images
+
+
+rule anomaly_image_ood_logits:
+    input:
+        manifest="results/{run}/images/manifest.tsv",
+        images=image_inputs,
+    output:
+        "results/{run}/anomaly/image_ood/{model}/logits.h5",
+    params:
+        root=image_root,
+        textures=config["anomaly"]["image_ood"]["textures"],
+        kinds=config["anomaly"]["image_ood"]["generated"],
+        n=config["anomaly"]["image_ood"]["n"],
+        seed=config["anomaly"]["seed"],
+        precision=config["anomaly"]["image_ood"]["precision"],
+        batch_size=config["anomaly"]["image_ood"]["batch_size"],
+        device=config["device"],
+    log:
+        "results/{run}/logs/anomaly/image_ood/{model}/logits.log",
+    benchmark:
+        "results/{run}/benchmarks/anomaly/image_ood/{model}/logits.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=config["anomaly"]["mem_mb"],
+        gpu=1 if config["device"].startswith("cuda") else 0,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/anomaly_image_ood_logits.py"
+
+
+rule anomaly_image_ood_evaluate:
+    input:
+        "results/{run}/anomaly/image_ood/{model}/logits.h5",
+    output:
+        metrics="results/{run}/anomaly/image_ood/{model}/metrics.json",
+        per_image="results/{run}/anomaly/image_ood/{model}/per_image.tsv",
+    params:
+        methods=config["anomaly"]["image_ood"]["methods"],
+        temperature=config["anomaly"]["temperature"],
+        tpr_level=config["anomaly"]["tpr_level"],
+    log:
+        "results/{run}/logs/anomaly/image_ood/{model}/evaluate.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/anomaly.yaml"
+    script:
+        "../scripts/anomaly_image_ood_evaluate.py"

@@ -267,6 +267,8 @@ def anomaly_targets():
     ]
     if config["anomaly"]["classification"]["source"] != "none":
         targets.append(f"{out}/classification/metrics.json")
+    for model in config["anomaly"]["image_ood"]["models"]:
+        targets += [f"{out}/image_ood/{model}/metrics.json", f"{out}/image_ood/{model}/per_image.tsv"]
     return targets
 
 

@@ -21,6 +21,7 @@ rule mcdo_trial:
         num_images=exp_num_images,
         device=config["device"],
         geometry=exp_is_geometry,
+        depthwise=MCDO["depthwise_dropout"],
     log:
         "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/trial{k}.log",
     benchmark:

@@ -1,4 +1,4 @@
-"""Copy the demo photos out of the installed scikit-image and scikit-learn wheels."""
+"""Copy the demo photos out of the installed scikit-image, scikit-learn and matplotlib wheels."""
 
 from vlmrel.images import materialize_demo
 from vlmrel.logs import setup_job_log

@@ -23,4 +23,5 @@ trial(
     num_images=p.num_images,
     device=p.device,
     geometry=p.geometry,
+    depthwise=p.depthwise,
 )

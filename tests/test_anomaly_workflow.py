@@ -45,6 +45,19 @@ def test_demo_anomaly_chain_end_to_end(tmp_path):
     if an.get("classification", {}).get("source", "none") != "none":
         got = json.loads((out / "classification" / "metrics.json").read_text())
         assert got["methods"] == [m for m in an["methods"] if m != "heat"]  # HEAT is a pixel-map score
+    # image-level OOD with the trained classifier: real photos against textures and generated images
+    for model in an["image_ood"]["models"]:
+        ood = json.loads((out / "image_ood" / model / "metrics.json").read_text())
+        assert ood["n_images"]["photo"] >= 15 and ood["n_images"]["texture"] == 3
+        groups = {"texture", *an["image_ood"]["generated"]}
+        assert set(ood["by_group"]) == groups
+        for m in ood["methods"]:
+            assert 0.0 <= ood["pooled"][m]["auroc"] <= 1.0
+            assert (
+                ood["pooled"][m]["n_anomaly"] == 3 + len(an["image_ood"]["generated"]) * an["image_ood"]["n"]
+            )
+        table = pd.read_csv(out / "image_ood" / model / "per_image.tsv", sep="\t")
+        assert len(table) == sum(ood["n_images"].values())
     # nothing left to do on a second run
     again = snakemake(tmp_path, tmp_path / "c.yaml", "anomaly", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr

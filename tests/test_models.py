@@ -58,10 +58,15 @@ def test_registry_names_and_architectures():
         "siglip2_b16",
         "siglip2_so400m",
         "siglip2_g16",
+        "effnet_lite0",
         "tiny_clip",
         "tiny_siglip",
     }
     assert set(REGISTRY) == expected
+    assert (REGISTRY["effnet_lite0"].backend, REGISTRY["effnet_lite0"].arch) == (
+        "timm_wheel",
+        "tf_efficientnet_lite0",
+    )
     assert (REGISTRY["clip_b32"].arch, REGISTRY["clip_b32"].pretrained) == ("ViT-B-32", "openai")
     assert (REGISTRY["clip_l14"].arch, REGISTRY["clip_l14"].pretrained) == ("ViT-L-14", "openai")
     assert REGISTRY["siglip2_b16"].arch == "google/siglip2-base-patch16-224"

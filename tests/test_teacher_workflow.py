@@ -112,6 +112,13 @@ def test_teacher_chain_end_to_end(tmp_path, monkeypatch):
         assert list(f["image_id"].asstr()[...]) == ok_ids
         assert f.attrs["model"] == "tiny_clip"
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    # the demo's trained network: heads on effnet_lite0's 1280-d pre-logits features
+    for model in cfg["teacher"]["models"]:
+        ev_m = json.loads((out / model / "eval.json").read_text())
+        assert ev_m["n"] == len(gt)
+    if "effnet_lite0" in cfg["teacher"]["models"]:
+        with h5py.File(run / "embeddings" / "effnet_lite0.h5", "r") as f:
+            assert f["embedding"].shape == (len(ok_ids), 1280) and f.attrs["model"] == "effnet_lite0"
 
     # heads + card, eval, figures
     card = json.loads((out / "tiny_clip" / "card.json").read_text())
@@ -152,7 +159,8 @@ def test_teacher_chain_end_to_end(tmp_path, monkeypatch):
     conf = write_config(tmp_path / "c.yaml", cfg)
     dry = snakemake(tmp_path, conf, "teacher", "-n")
     counts = job_counts(dry.stdout)
-    assert counts.get("teacher_audited_truth") == 1 and counts.get("teacher_eval") == 1
+    n_models = len(cfg["teacher"]["models"])
+    assert counts.get("teacher_audited_truth") == 1 and counts.get("teacher_eval") == n_models
     assert not {"teacher_annotate", "embeddings", "teacher_heads"} & set(counts)
     snakemake(tmp_path, conf, "teacher")
     ev = json.loads((out / "tiny_clip" / "eval.json").read_text())

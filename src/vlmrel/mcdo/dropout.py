@@ -6,6 +6,17 @@ forward reads ``in_proj_weight`` / ``out_proj.weight`` directly and so never cal
 ``out_proj``: the injection replaces the MHA forward with an equivalent that applies the
 in-projection itself and calls ``out_proj`` as a module.
 
+CNNs (``effnet_lite0``): the sites are every ``nn.Linear`` plus every pointwise convolution
+(``nn.Conv2d`` with a 1x1 kernel and ``groups == 1``: the expansion, projection and head convs).
+A pointwise conv is a Linear map over channels applied at each position, so this is the ViT
+rule carried over: "input" drops elements of its [B, C, H, W] input, "dropconnect" masks its
+[C_out, C_in, 1, 1] weight (one mask for every position, as for a Linear's weight), "gaussian"
+multiplies its input. Depthwise convolutions (``groups == in_channels > 1``: a spatial filter
+per channel, not a channel mix) stay untouched unless ``depthwise=True`` (config
+``mcdo.depthwise_dropout``); full spatial convs (the 3x3 stem) are never sites. BatchNorm stays
+in eval mode: :func:`inject_dropout` refuses a tower with a BatchNorm in training mode, so the
+running statistics cannot move during a trial (a dropped pass would otherwise shift them).
+
 Random draws are dtype-independent. Dropped positions are sampled as a Bernoulli(p) process by
 geometric gaps from float64 uniforms of the given ``torch.Generator`` (about ``p * n`` draws
 instead of ``n``; at p = 0.01 the dense ``torch.rand(n) >= p`` mask costs more than a bf16
@@ -163,6 +174,34 @@ def _linear_forward(inj: Injection, module: nn.Linear, target: str) -> Callable[
         return original(inj.noise_input(x))
 
     return forward
+
+
+def _conv_forward(inj: Injection, module: nn.Conv2d, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    original = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        inj._count(target)
+        if not inj.is_active(target):
+            return original(x)
+        if inj.kind == "dropconnect":
+            if type(module).forward is not nn.Conv2d.forward:
+                raise NotImplementedError(
+                    f"dropconnect on {target} ({type(module).__name__}): only plain nn.Conv2d is supported"
+                )
+            return module._conv_forward(x, inj.noise_weight(module.weight), module.bias)
+        return original(inj.noise_input(x))
+
+    return forward
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 ``nn.Conv2d`` without groups: a Linear map over channels at each position."""
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
+
+
+def is_depthwise_conv(module: nn.Module) -> bool:
+    """An ``nn.Conv2d`` with one group per input channel (a spatial filter per channel)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
 def _mha_forward(inj: Injection, mha: nn.MultiheadAttention, prefix: str) -> Callable[..., Any]:
@@ -340,13 +379,16 @@ def inject_dropout(
     kind: str = "input",
     *,
     only: Collection[str] | None = None,
+    depthwise: bool = False,
 ) -> Injection:
     """Inject MC dropout into every linear map of ``vision``; returns the :class:`Injection`.
 
     ``kind``: "input" (inverted dropout on each Linear's input), "dropconnect" (Bernoulli
     mask on the weight, scaled 1/(1-p)) or "gaussian" (multiplicative N(1, p/(1-p)) noise on
-    the input). ``only`` restricts the noise to the named targets (the others still count
-    calls). p == 0 is an exact no-op.
+    the input). The linear maps are every Linear, MultiheadAttention projection and pointwise
+    (1x1) convolution; ``depthwise`` adds the depthwise convolutions (module docstring).
+    ``only`` restricts the noise to the named targets (the others still count calls).
+    p == 0 is an exact no-op.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown dropout kind {kind!r}; choose one of {KINDS}")
@@ -354,6 +396,14 @@ def inject_dropout(
         raise ValueError(f"dropout rate p must be in [0, 1), got {p!r}")
     if any("forward" in m.__dict__ for m in vision.modules()):
         raise RuntimeError("vision tower already has patched forwards (an injection not removed?)")
+    training_bn = [
+        n or type(vision).__name__ for n, m in vision.named_modules() if _is_batchnorm(m) and m.training
+    ]
+    if training_bn:
+        raise RuntimeError(
+            f"BatchNorm in training mode ({training_bn[:3]}): MC dropout needs the tower in eval mode, "
+            "or every pass would update the running statistics"
+        )
     inj = Injection(p, generator, kind, only)
     for name, module in vision.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -364,6 +414,10 @@ def inject_dropout(
             module.forward = _linear_forward(inj, module, name)
             inj._patched.append(module)
             inj.targets.append(name)
+        elif is_pointwise_conv(module) or (depthwise and is_depthwise_conv(module)):
+            module.forward = _conv_forward(inj, module, name)
+            inj._patched.append(module)
+            inj.targets.append(name)
     inj.calls = dict.fromkeys(inj.targets, 0)
     if only is not None:
         unknown = sorted(set(only) - set(inj.targets))
@@ -371,6 +425,10 @@ def inject_dropout(
             inj.remove()
             raise ValueError(f"unknown injection targets {unknown}; targets are {inj.targets}")
     return inj
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
 # --------------------------------------------------------------------------- trials
@@ -460,6 +518,7 @@ def run_trial(
     kind: str = "input",
     progress: bool = True,
     on_pass: Callable[[int, int, torch.Tensor], None] | None = None,
+    depthwise: bool = False,
 ) -> TrialResult:
     """One MC-dropout trial: T_max passes per batch, trace snapshots at every T in ``T_list``.
 
@@ -470,6 +529,7 @@ def run_trial(
     ``on_pass(batch_start, t, features)`` is called after every stochastic pass with the batch's
     position in the trial's image order, the 0-based pass index and its features [B, D] before
     normalisation (e.g. :class:`vlmrel.geometry.GeometryCollector` for exp0b/exp4).
+    ``depthwise`` makes depthwise convolutions injection sites too (CNNs; see the module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -487,7 +547,8 @@ def run_trial(
     total = None if n_batches is None else n_batches * t_max
     bar = tqdm(total=total, disable=not progress, unit="pass", desc=f"{encoder.name} p={p} trial {trial}")
     batch_size = 0
-    with inject_dropout(encoder.vision, p, generator, kind):
+    with inject_dropout(encoder.vision, p, generator, kind, depthwise=depthwise) as inj:
+        n_sites = len(inj.targets)
         for b, (batch_ids, pixels) in enumerate(batches):
             x = encoder.prepare(pixels)
             if len(batch_ids) != x.shape[0]:
@@ -518,6 +579,8 @@ def run_trial(
         "seed": int(seed),
         "trial": int(trial),
         "kind": kind,
+        "sites": n_sites,
+        "depthwise": bool(depthwise),
         "precision": encoder.precision,
         "device": str(encoder.device),
         "batch_size": batch_size,

@@ -41,9 +41,11 @@ def trial(
     num_images: int | None,
     device: str,
     geometry: bool = False,
+    depthwise: bool = False,
 ) -> None:
     """One MC-dropout trial: max(T) stochastic passes per image, trace snapshots at every T; with
-    ``geometry`` (a geometry experiment), the per-image covariance geometry of the same passes instead."""
+    ``geometry`` (a geometry experiment), the per-image covariance geometry of the same passes instead.
+    ``depthwise``: depthwise convolutions are injection sites too (CNNs; Linear and 1x1 convs always are)."""
     from vlmrel.mcdo.dropout import run_trial, save_trial
     from vlmrel.models import load_encoder
     from vlmrel.pixels import iter_batches, read_pixel_meta
@@ -67,6 +69,7 @@ def trial(
         T_list=sorted(T),
         kind=kind,
         on_pass=collector.on_pass if collector else None,
+        depthwise=depthwise,
     )
     meta = {"experiment": exp, "model": model, "p": float(p), "seed": seed, "trial": int(k), "kind": kind}
     if collector:
@@ -171,9 +174,11 @@ def ambiguity(
     summary_path: PathLike,
     per_image_path: PathLike,
 ) -> dict[str, Any]:
-    """exp5 for one model: zero-shot probabilities from the model's own text tower (deterministic
-    features, no dropout) against the MC-dropout uncertainty of its trials. A model without a usable
-    text tower is recorded as skipped with the reason, and its per-image table is left empty."""
+    """exp5 for one model: class probabilities (deterministic, no dropout) against the MC-dropout
+    uncertainty of its trials. A classifier (``effnet_lite0``) uses its own head: softmax of its
+    ImageNet logits, prompt-free (``class_names`` and ``prompt_template`` do not apply). A CLIP /
+    SigLIP model uses zero-shot probabilities from its own text tower. A model without either is
+    recorded as skipped with the reason, and its per-image table is left empty."""
     import pandas as pd
     import torch
 
@@ -186,8 +191,19 @@ def ambiguity(
     for space in ("pre", "post"):
         ids[space], scores[space] = trial_scores(trial_paths, space)
     image_id = ids["pre"]
-    names = amb.load_class_names(class_names)
     encoder = load_encoder(model, device=device, precision=precision)
+    if encoder.has_classifier:
+        return _head_ambiguity(
+            encoder,
+            pixels_h5,
+            image_id,
+            scores,
+            high_entropy_quantile,
+            batch_size,
+            summary_path,
+            per_image_path,
+        )
+    names = amb.load_class_names(class_names)
     txt, reason = amb.text_features_or_reason(encoder.encode_text, amb.make_prompts(names, prompt_template))
     if txt is None:
         summary = {"model": model, **amb.skipped(reason)}
@@ -225,6 +241,51 @@ def ambiguity(
     }
     amb.save_per_image(per_image_path, image_id, u[SCORE_SPACE], probs, names)
     write_json(summary_path, summary)
+    return summary
+
+
+def _head_ambiguity(
+    encoder: Any,
+    pixels_h5: PathLike,
+    image_id: list[str],
+    scores: Mapping[str, np.ndarray],
+    high_entropy_quantile: float,
+    batch_size: int,
+    summary_path: PathLike,
+    per_image_path: PathLike,
+) -> dict[str, Any]:
+    """exp5 for a classifier: its own head's softmax against the MC-dropout uncertainty."""
+    from vlmrel.mcdo import ambiguity as amb
+    from vlmrel.pixels import iter_batches
+    from vlmrel.stats import softmax
+
+    logits, seen = [], []
+    for batch_ids, pixels in iter_batches(pixels_h5, batch_size, indices=range(len(image_id))):
+        logits.append(encoder.logits(pixels).double().cpu().numpy())
+        seen.extend(batch_ids)
+    if seen != image_id:
+        raise ValueError(f"{pixels_h5}: image order differs from the trials of {encoder.name}")
+    probs = softmax(np.concatenate(logits))
+    u = {space: s.mean(axis=0) for space, s in scores.items()}
+    stats = {space: amb.ambiguity_stats(u[space], probs, high_entropy_quantile) for space in u}
+    summary = {
+        "model": encoder.name,
+        "skipped": False,
+        "probabilities": "softmax of the model's own classifier head (prompt-free)",
+        "uncertainty": f"trace_{SCORE_SPACE} at max T, mean over trials",
+        "n_trials": int(scores["pre"].shape[0]),
+        "classes": f"{len(encoder.class_names)} ImageNet-1k classes (open_clip IMAGENET_CLASSNAMES)",
+        "prompt_template": None,
+        **stats[SCORE_SPACE],
+        "by_space": stats,
+    }
+    amb.save_per_image(per_image_path, image_id, u[SCORE_SPACE], probs, encoder.class_names)
+    write_json(summary_path, summary)
+    log.info(
+        "%s: classifier head, rho(uncertainty, entropy) = %s",
+        encoder.name,
+        summary["rho_uncertainty_vs_entropy"],
+    )
     return summary
 
 

@@ -42,7 +42,7 @@ JOBS = ("trials", "geometry")
 SUMMARIES = ("reliability", "ambiguity", "analysis")
 FIGURES = ("reliability", "knee", "geometry", "ambiguity", "experiment")
 #: mcdo config keys that are settings, not experiments
-SETTINGS = ("seed", "precision", "batch_size", "dropout_kind", "mem_mb", "gate")
+SETTINGS = ("seed", "precision", "batch_size", "dropout_kind", "depthwise_dropout", "mem_mb", "gate")
 
 
 def fmt_p(p: float) -> str:

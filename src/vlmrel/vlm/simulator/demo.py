@@ -178,4 +178,24 @@ BUILTIN: list[dict[str, Any]] = [
         "annotation": _ann("other", [_obj("dahlia", "flower", True, 0.93)]),
         "boxes": {"flower": [260, 200, 700, 840], "dahlia": [260, 200, 700, 840]},
     },
+    {
+        "file": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+        "description": "A portrait of Grace Hopper in US Navy dress uniform and cap, a US flag behind her.",
+        "annotation": _ann(
+            "people",
+            [
+                _obj("naval officer", "person", True, 0.95),
+                _obj("american flag", "flag", False, 0.86),
+                _obj("eyeglasses", "glasses", False, 0.82),
+            ],
+            person=True,
+        ),
+        "boxes": {
+            "woman": [30, 30, 1000, 1000],
+            "face": [300, 230, 730, 560],
+            "cap": [290, 30, 730, 300],
+            "glasses": [330, 280, 700, 390],
+            "flag": [0, 0, 290, 1000],
+        },
+    },
 ]
