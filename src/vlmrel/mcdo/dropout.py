@@ -1,10 +1,24 @@
 """MC dropout on frozen vision towers: injection, nested-T trials and trial files (seed 002).
 
-Dropout is injected on the *input* of every ``nn.Linear`` of a vision tower (inverted dropout:
-keep-mask / (1 - p)), including the in- and out-projections of ``nn.MultiheadAttention``, whose
-forward reads ``in_proj_weight`` / ``out_proj.weight`` directly and so never calls a hook on
-``out_proj``: the injection replaces the MHA forward with an equivalent that applies the
-in-projection itself and calls ``out_proj`` as a module.
+The dropout *site* (``kind``, :data:`KINDS`):
+
+- ``output`` (the default of ``config/config.yaml``): inverted dropout (keep-mask / (1 - p)) on the
+  *output* of every linear map of the tower, including the in-projection and ``out_proj`` of
+  ``nn.MultiheadAttention``. MHA's forward reads ``in_proj_weight`` / ``out_proj.weight`` directly
+  and so never calls ``out_proj`` as a module: the injection replaces the MHA forward with an
+  equivalent that applies the in-projection itself and calls ``out_proj`` as a module.
+- ``seed002``: the seed's own code, exactly. It wrapped every ``nn.Linear`` with a ``Dropout(p)``
+  on its output and left ``nn.MultiheadAttention`` alone, so only the Linear modules whose forward
+  runs as a module in a plain forward pass are perturbed: in open_clip's towers the MLP's
+  ``c_fc`` / ``c_proj`` (and any other plain Linear), but neither the attention in-projection (a
+  parameter, not a module) nor ``out_proj`` (never called as a module). This is the site of the
+  seed's published numbers. Its one bug is not copied: the seed re-wrapped the layers on every
+  trial, so trial k ran k dropouts in series; here each trial injects into the unpatched tower and
+  removes its injection when done (:func:`inject_dropout` refuses a tower still patched).
+- ``input``: inverted dropout on the *input* of every linear map (MHA included, as for ``output``).
+- ``dropconnect``: a Bernoulli mask on each linear map's weight, scaled 1/(1 - p).
+- ``gaussian``: multiplicative N(1, p/(1 - p)) noise on each linear map's input (the variance of
+  input dropout at rate p).
 
 Random draws are dtype-independent. Dropped positions are sampled as a Bernoulli(p) process by
 geometric gaps from float64 uniforms of the given ``torch.Generator`` (about ``p * n`` draws
@@ -46,7 +60,9 @@ __all__ = [
     "save_trial",
 ]
 
-KINDS = ("input", "dropconnect", "gaussian")
+KINDS = ("output", "input", "dropconnect", "gaussian", "seed002")
+#: kinds whose noise is inverted dropout on a linear map's output
+OUTPUT_KINDS = ("output", "seed002")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -134,6 +150,9 @@ class Injection:
     def noise_weight(self, w: torch.Tensor) -> torch.Tensor:
         return _dropout(w, self.p, self.generator)
 
+    def noise_output(self, y: torch.Tensor) -> torch.Tensor:
+        return _dropout(y, self.p, self.generator)
+
     def remove(self) -> None:
         """Restore every patched module's own forward."""
         for module in self._patched:
@@ -160,6 +179,8 @@ def _linear_forward(inj: Injection, module: nn.Linear, target: str) -> Callable[
             return original(x)
         if inj.kind == "dropconnect":
             return F.linear(x, inj.noise_weight(module.weight), module.bias)
+        if inj.kind in OUTPUT_KINDS:
+            return inj.noise_output(original(x))
         return original(inj.noise_input(x))
 
     return forward
@@ -243,9 +264,14 @@ def mha_functional(
     inj = injection
 
     def on_input(target: str, x: torch.Tensor) -> torch.Tensor:
-        if inj is not None and inj.kind != "dropconnect" and inj.is_active(target):
+        if inj is not None and inj.kind in ("input", "gaussian") and inj.is_active(target):
             return inj.noise_input(x)
         return x
+
+    def on_output(target: str, y: torch.Tensor) -> torch.Tensor:
+        if inj is not None and inj.kind in OUTPUT_KINDS and inj.is_active(target):
+            return inj.noise_output(y)
+        return y
 
     def on_weight(target: str, w: torch.Tensor) -> torch.Tensor:
         if inj is None:
@@ -273,24 +299,24 @@ def mha_functional(
         t = targets[0]
         w = on_weight(t, mha.in_proj_weight)
         if self_attn:
-            q, k, v = F.linear(on_input(t, query), w, bias).chunk(3, dim=-1)
+            q, k, v = on_output(t, F.linear(on_input(t, query), w, bias)).chunk(3, dim=-1)
         else:
             w_q, w_kv = w.split([embed, 2 * embed])
             b_kv = None if bias is None else bias[embed:]
-            q = F.linear(on_input(t, query), w_q, b_q)
+            q = on_output(t, F.linear(on_input(t, query), w_q, b_q))
             if same_kv:
-                k, v = F.linear(on_input(t, key), w_kv, b_kv).chunk(2, dim=-1)
+                k, v = on_output(t, F.linear(on_input(t, key), w_kv, b_kv)).chunk(2, dim=-1)
             else:
                 w_k, w_v = w_kv.split([embed, embed])
-                k = F.linear(on_input(t, key), w_k, b_k)
-                v = F.linear(on_input(t, value), w_v, b_v)
+                k = on_output(t, F.linear(on_input(t, key), w_k, b_k))
+                v = on_output(t, F.linear(on_input(t, value), w_v, b_v))
     else:
         w_q = on_weight(targets[0], mha.q_proj_weight)
         w_k = on_weight(targets[1], mha.k_proj_weight)
         w_v = on_weight(targets[2], mha.v_proj_weight)
-        q = F.linear(on_input(targets[0], query), w_q, b_q)
-        k = F.linear(on_input(targets[1], key), w_k, b_k)
-        v = F.linear(on_input(targets[2], value), w_v, b_v)
+        q = on_output(targets[0], F.linear(on_input(targets[0], query), w_q, b_q))
+        k = on_output(targets[1], F.linear(on_input(targets[1], key), w_k, b_k))
+        v = on_output(targets[2], F.linear(on_input(targets[2], value), w_v, b_v))
 
     bsz, tgt_len, _ = q.shape
     src_len = k.shape[1]
@@ -343,10 +369,13 @@ def inject_dropout(
 ) -> Injection:
     """Inject MC dropout into every linear map of ``vision``; returns the :class:`Injection`.
 
-    ``kind``: "input" (inverted dropout on each Linear's input), "dropconnect" (Bernoulli
-    mask on the weight, scaled 1/(1-p)) or "gaussian" (multiplicative N(1, p/(1-p)) noise on
-    the input). ``only`` restricts the noise to the named targets (the others still count
-    calls). p == 0 is an exact no-op.
+    ``kind`` (module docstring): "output" (inverted dropout on each linear map's output),
+    "seed002" (the seed's code: output dropout on the ``nn.Linear`` modules only, MHA left alone,
+    so ``out_proj`` is a target that is never called), "input" (inverted dropout on each
+    linear map's input), "dropconnect" (Bernoulli mask on the weight, scaled 1/(1-p)) or
+    "gaussian" (multiplicative N(1, p/(1-p)) noise on the input). ``only`` restricts the noise to
+    the named targets (the others still count calls). p == 0 is an exact no-op.
+    ``vision`` may be any module (exp10 injects into a text tower).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown dropout kind {kind!r}; choose one of {KINDS}")
@@ -356,7 +385,7 @@ def inject_dropout(
         raise RuntimeError("vision tower already has patched forwards (an injection not removed?)")
     inj = Injection(p, generator, kind, only)
     for name, module in vision.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) and kind != "seed002":
             module.forward = _mha_forward(inj, module, name)
             inj._patched.append(module)
             inj.targets.extend(_mha_in_targets(module, name))
