@@ -184,6 +184,11 @@ def experiment_caption(wildcards):
     return Path(workflow.basedir, "report", mcdo_registry.EXPERIMENTS[wildcards.exp].caption).read_text().strip()
 
 
+def overall_caption(wildcards):
+    """The caption text of an experiment's figure over models."""
+    return Path(workflow.basedir, "report", mcdo_registry.EXPERIMENTS[wildcards.exp].overall_caption).read_text().strip()
+
+
 def run_pixels(wildcards):
     """The pixel file of the wildcard's experiment: natural, or natural + synthetic."""
     sub = "synthetic/" if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels == "synthetic" else ""

@@ -129,6 +129,7 @@ rule mcdo_ambiguity:
     input:
         trials=run_files,
         pixels=pixels_for_model,
+        manifest="results/{run}/images/manifest.tsv",
     output:
         summary="results/{run}/mcdo/{exp}/{model}/summary.json",
         per_image="results/{run}/mcdo/{exp}/{model}/per_image.tsv",
@@ -138,6 +139,7 @@ rule mcdo_ambiguity:
         class_names=exp_setting("class_names"),
         prompt_template=exp_setting("prompt_template"),
         high_entropy_quantile=exp_setting("high_entropy_quantile"),
+        class_map=exp_setting("class_map"),
         precision=MCDO["precision"],
         batch_size=MCDO["batch_size"],
         device=config["device"],
@@ -172,6 +174,32 @@ rule mcdo_ambiguity_overall:
     threads: 1
     resources:
         mem_mb=500,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_overall.py"
+
+
+rule mcdo_experiment_overall:
+    input:
+        unpack(runs_by_model),
+    output:
+        report(
+            "results/{run}/mcdo/{exp}/{exp}_overall_summary.json",
+            caption="../report/mcdo/experiment_overall.rst",
+            category="mcdo",
+            subcategory="{exp}",
+        ),
+    wildcard_constraints:
+        exp=exps_where(has_overall=True),
+    params:
+        models=exp_models,
+        caption=overall_caption,
+    log:
+        "results/{run}/logs/mcdo/{exp}/overall_summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
     conda:
         "../envs/vlmrel.yaml"
     script:
@@ -373,6 +401,33 @@ rule mcdo_figure_experiment:
         caption=experiment_caption,
     log:
         "results/{run}/logs/figures/mcdo/{exp}_{model}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_figure.py"
+
+
+rule mcdo_figure_overall:
+    input:
+        "results/{run}/mcdo/{exp}/{exp}_overall_summary.json",
+    output:
+        report(
+            "results/{run}/figures/mcdo/{exp}_matrix.png",
+            caption="../report/mcdo/experiment_overall.rst",
+            category="mcdo",
+            subcategory="{exp}",
+            labels={"model": "all", "figure": "{exp} over models"},
+        ),
+    wildcard_constraints:
+        exp=exps_where(has_overall=True),
+    params:
+        dpi=config["figures"]["dpi"],
+        caption=overall_caption,
+    log:
+        "results/{run}/logs/figures/mcdo/{exp}_matrix.log",
     threads: 1
     resources:
         mem_mb=1000,

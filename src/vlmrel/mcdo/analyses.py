@@ -94,6 +94,27 @@ def synthetic_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
     return synthetic_separation(natural, synthetic)
 
 
+# ---- over models (an entry's ``overall``) -----------------------------------------------------------
+
+
+def model_matrix_summary(runs_by_model: Mapping[str, Sequence[PathLike]]) -> dict[str, Any]:
+    """exp4_full: Spearman between every pair of models' trial-mean trace and angular variance."""
+    from vlmrel.mcdo.comparisons import model_matrix
+    from vlmrel.mcdo.geometry import load_geometry
+
+    scores = {}
+    for model, files in runs_by_model.items():
+        ids, stacks, _ = load_geometry(list(files))
+        scores[model] = (ids, stacks)
+    return model_matrix(scores)
+
+
+def model_matrix_figure(summary: Mapping[str, Any], out: PathLike, dpi: int) -> None:
+    from vlmrel.mcdo import figures
+
+    figures.model_matrix_heatmaps(summary, out, dpi=dpi)
+
+
 # ---- figures ---------------------------------------------------------------------------------------
 
 

@@ -287,6 +287,17 @@ def rank_stability_heatmap(result: Mapping[str, Any], path: _PathLike, model: st
     save_figure(fig, path, dpi)
 
 
+def model_matrix_heatmaps(result: Mapping[str, Any], path: _PathLike, dpi: int = 120) -> None:
+    """exp4_full: one heatmap per recipe of the Spearman between models' trial-mean scores."""
+    recipes = list(result["recipes"])
+    fig, axes = plt.subplots(1, len(recipes), figsize=(5.2 * len(recipes), 4.6), constrained_layout=True)
+    for ax, recipe in zip(np.atleast_1d(axes), recipes, strict=True):
+        _heatmap(ax, result["recipes"][recipe]["spearman_matrix"], result["models"])
+        ax.set_title(f"{recipe} (trial mean)", fontsize=10)
+    fig.suptitle(f"model matrix: Spearman between models (N={result['n_images']})", fontsize=10)
+    save_figure(fig, path, dpi)
+
+
 def dropout_types_figure(result: Mapping[str, Any], path: _PathLike, model: str, dpi: int = 120) -> None:
     """exp3: reliability (Spearman, ICC, SNR) per dropout type and rank agreement between types."""
     types = result["types"]

@@ -115,6 +115,14 @@ def experiment_summary(exp: str, model: str, arms: Sequence[ArmRuns], out: PathL
     return summary
 
 
+def experiment_overall(exp: str, runs_by_model: Mapping[str, Sequence[PathLike]], out: PathLike) -> dict[str, Any]:
+    """The summary over models of one experiment: the registry entry's ``overall`` analysis."""
+    result = EXPERIMENTS[exp].overall(runs_by_model)
+    summary = {**result, "experiment": exp}
+    write_json(out, summary)
+    return summary
+
+
 def arms_with_files(records: Sequence[Mapping[str, Any]]) -> list[ArmRuns]:
     """``(arm, files)`` pairs from the records the rules pass (each record carries its ``files``)."""
     return [({k: v for k, v in r.items() if k != "files"}, list(r["files"])) for r in records]
@@ -170,10 +178,15 @@ def ambiguity(
     device: str,
     summary_path: PathLike,
     per_image_path: PathLike,
+    manifest: PathLike | None = None,
+    class_map: PathLike | None = None,
 ) -> dict[str, Any]:
     """exp5 for one model: zero-shot probabilities from the model's own text tower (deterministic
-    features, no dropout) against the MC-dropout uncertainty of its trials. A model without a usable
-    text tower is recorded as skipped with the reason, and its per-image table is left empty."""
+    features, no dropout) against the MC-dropout uncertainty of its trials, and the prompt
+    sensitivity (variance of the top-1 probability across :data:`SENSITIVITY_TEMPLATES`). With the
+    ``manifest``, images in class folders (ImageNet WordNet ids mapped to names) get their true class
+    and the summary a top-1 accuracy. A model without a usable text tower is recorded as skipped with
+    the reason, and its per-image table is left empty."""
     import pandas as pd
     import torch
 
@@ -192,9 +205,7 @@ def ambiguity(
     if txt is None:
         summary = {"model": model, **amb.skipped(reason)}
         with atomic_path(per_image_path) as tmp:
-            pd.DataFrame(columns=["image_id", "uncertainty", "entropy", "margin", "top1", "p_top1"]).to_csv(
-                tmp, sep="\t", index=False
-            )
+            pd.DataFrame(columns=list(amb.PER_IMAGE_COLUMNS)).to_csv(tmp, sep="\t", index=False)
         write_json(summary_path, summary)
         return summary
     feats, seen = [], []
@@ -204,15 +215,37 @@ def ambiguity(
             seen.extend(batch_ids)
     if seen != image_id:
         raise ValueError(f"{pixels_h5}: image order differs from the trials of {model}")
+    img = np.concatenate(feats)
     probs = amb.zero_shot_probs(
-        np.concatenate(feats),
+        img,
         txt,
         encoder.logit_scale,
         encoder.logit_bias,
         kind="sigmoid" if encoder.logit_bias is not None else "softmax",
     )
+    sens = amb.prompt_sensitivity(
+        amb.template_max_probs(img, encoder.encode_text, names, encoder.logit_scale, encoder.logit_bias)
+    )
     u = {space: s.mean(axis=0) for space, s in scores.items()}
-    stats = {space: amb.ambiguity_stats(u[space], probs, high_entropy_quantile) for space in u}
+    stats = {
+        space: {
+            **amb.ambiguity_stats(u[space], probs, high_entropy_quantile),
+            **amb.sensitivity_stats(u[space], sens),
+        }
+        for space in u
+    }
+    true_class = None
+    labels: dict[str, Any] = {"n_labelled": 0, "top1_accuracy": None}
+    if manifest is not None:
+        from vlmrel.images import read_manifest
+        from vlmrel.mcdo.imagenet import folder_labels
+
+        rel = dict(zip(*(read_manifest(manifest)[c] for c in ("image_id", "rel_path")), strict=True))
+        true_class, label = folder_labels([rel.get(i, "") for i in image_id], names, class_map)
+        known = np.asarray(label) >= 0
+        if known.any():
+            hit = probs.argmax(axis=1)[known] == np.asarray(label)[known]
+            labels = {"n_labelled": int(known.sum()), "top1_accuracy": float(hit.mean())}
     summary = {
         "model": model,
         "skipped": False,
@@ -221,9 +254,12 @@ def ambiguity(
         "classes": names,
         "prompt_template": prompt_template,
         **stats[SCORE_SPACE],
+        **labels,
         "by_space": stats,
     }
-    amb.save_per_image(per_image_path, image_id, u[SCORE_SPACE], probs, names)
+    amb.save_per_image(
+        per_image_path, image_id, u[SCORE_SPACE], probs, names, prompt_sensitivity=sens, true_class=true_class
+    )
     write_json(summary_path, summary)
     return summary
 
@@ -300,6 +336,11 @@ def experiment_figure(
 ) -> None:
     """The figure of one (experiment, model): the registry entry's plot function."""
     EXPERIMENTS[exp].plot(read_json(summary), arms, out, model, dpi)
+
+
+def overall_figure(exp: str, summary: PathLike, out: PathLike, *, dpi: int) -> None:
+    """The figure over models of one experiment: the registry entry's ``overall_plot``."""
+    EXPERIMENTS[exp].overall_plot(read_json(summary), out, dpi)
 
 
 def ambiguity_figure(

@@ -103,6 +103,9 @@ class Experiment:
     pixels: str = "natural"
     analysis: Callable[..., dict[str, Any]] | None = None
     plot: Callable[..., None] | None = None
+    overall: Callable[..., dict[str, Any]] | None = None
+    overall_plot: Callable[..., None] | None = None
+    overall_caption: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,10 +120,18 @@ class Experiment:
                 raise ValueError(f"experiment {self.name!r}: {attr} must be one of {allowed}")
         if self.summary == "analysis" and self.analysis is None:
             raise ValueError(f"experiment {self.name!r}: summary 'analysis' needs an analysis function")
+        if self.overall is not None and (self.overall_plot is None or self.overall_caption is None):
+            raise ValueError(f"experiment {self.name!r}: an overall analysis needs overall_plot and overall_caption")
         if self.figure == "experiment" and (self.plot is None or self.caption is None):
             raise ValueError(
                 f"experiment {self.name!r}: figure 'experiment' needs a plot function and a caption"
             )
+
+    @property
+    def has_overall(self) -> bool:
+        """Whether the entry has an analysis over its models (``{exp}_overall_summary.json`` and a
+        ``{exp}_matrix.png`` figure)."""
+        return self.overall is not None
 
     @property
     def stem(self) -> str:
@@ -251,6 +262,9 @@ register(
         description="recipe validation over the full model matrix, Phase 2",
         analysis=analyses.recipe_summary,
         plot=analyses.recipe_figure,
+        overall=analyses.model_matrix_summary,
+        overall_plot=analyses.model_matrix_figure,
+        overall_caption="mcdo/model_matrix.rst",
     )
 )
 register(
@@ -297,6 +311,8 @@ def outputs(results: str, exp: Experiment, models: Sequence[str]) -> list[str]:
     elif exp.summary == "ambiguity":
         out.append(f"{results}/mcdo/{exp.name}/{exp.name}_overall_summary.json")
     fig = f"{results}/figures/mcdo/{exp.name}"
+    if exp.has_overall:
+        out += [f"{results}/mcdo/{exp.name}/{exp.name}_overall_summary.json", f"{fig}_matrix.png"]
     if exp.figure == "reliability":
         out.append(f"{fig}_scores.png")
         out += [f"{fig}_reliability_{m}.png" for m in models]
