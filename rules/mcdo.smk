@@ -46,6 +46,71 @@ use rule mcdo_trial as mcdo_geometry with:
         "results/{run}/benchmarks/mcdo/{exp}/{model}/{kind}/p{p}/geometry{k}.tsv"
 
 
+rule mcdo_text_trial:
+    input:
+        prompts=exp_prompt_file,
+    output:
+        "results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/text{k}.npz",
+    wildcard_constraints:
+        exp=exps_where(job="text"),
+    params:
+        seed=MCDO["seed"],
+        T=exp_T,
+        precision=MCDO["precision"],
+        batch_size=MCDO["batch_size"],
+        device=config["device"],
+        num_prompts=exp_setting("num_prompts"),
+        class_names=exp_setting("class_names"),
+        prompt_file=exp_setting("prompt_file"),
+    log:
+        "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/text{k}.log",
+    benchmark:
+        "results/{run}/benchmarks/mcdo/{exp}/{model}/{kind}/p{p}/text{k}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=MCDO["mem_mb"],
+        gpu=GPU,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_text_trial.py"
+
+
+rule mcdo_rate_search:
+    input:
+        pixels=run_pixels,
+    output:
+        "results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/search{k}.npz",
+    wildcard_constraints:
+        exp=exps_where(job="search"),
+        k="0",
+    params:
+        seed=MCDO["seed"],
+        T=exp_T,
+        trials=exp_setting("trials"),
+        precision=MCDO["precision"],
+        batch_size=MCDO["batch_size"],
+        num_images=exp_num_images,
+        device=config["device"],
+        class_names=exp_setting("class_names"),
+        groups=exp_setting("groups"),
+        candidates=exp_setting("candidates"),
+        rate_range=exp_setting("rate_range"),
+        search_fraction=exp_setting("search_fraction"),
+    log:
+        "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/search{k}.log",
+    benchmark:
+        "results/{run}/benchmarks/mcdo/{exp}/{model}/{kind}/p{p}/search{k}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=MCDO["mem_mb"],
+        gpu=GPU,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_rate_search.py"
+
+
 rule pixels_synthetic:
     input:
         manifest="results/{run}/images/manifest.tsv",
@@ -212,6 +277,7 @@ rule mcdo_experiment_overall:
 checkpoint mcdo_gate:
     input:
         overall=gate_input,
+        checks=gate_checks,
     output:
         report(
             "results/{run}/mcdo/gate.json",
@@ -236,6 +302,7 @@ checkpoint mcdo_gate_sweep:
     input:
         overall=gate_input,
         sweep=sweep_input,
+        checks=gate_checks,
     output:
         "results/{run}/mcdo/gate_after_sweep.json",
     params:

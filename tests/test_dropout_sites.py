@@ -34,7 +34,9 @@ def vit_b32():
 
 
 def _x(seed: int = 0, size: int = 224) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32))
+    return torch.from_numpy(
+        np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
+    )
 
 
 def _linear_maps(vision: nn.Module) -> set[str]:

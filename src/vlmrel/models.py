@@ -346,7 +346,8 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp64": "float64"}
 class Encoder:
     """A frozen image/text encoder with one interface for every backend.
 
-    ``vision`` is the vision tower module (the target of dropout injection);
+    ``vision`` is the vision tower module (the target of dropout injection); ``text`` the module
+    holding the text tower's linear maps (exp10), or None;
     ``encode_image`` returns features before L2 normalisation as float32.
     """
 
@@ -364,8 +365,10 @@ class Encoder:
         logit_scale: float | None,
         logit_bias: float | None,
         text_unavailable_reason: str | None = None,
+        text: nn.Module | None = None,
     ) -> None:
         self.name = spec.name
+        self.text = text  # the text tower's transformer (the target of exp10's dropout), None if absent
         self.spec = spec
         self.model = model
         self.vision = vision
@@ -499,6 +502,7 @@ def _load_open_clip(spec: ModelSpec, device: torch.device, dtype: torch.dtype, p
         precision=precision,
         logit_scale=float(torch.exp(model.logit_scale.detach().double()).reshape(-1)[0]),
         logit_bias=None if logit_bias is None else float(logit_bias.detach().double().reshape(-1)[0]),
+        text=getattr(model, "transformer", None),
     )
 
 
@@ -588,6 +592,7 @@ def _load_hf_siglip(spec: ModelSpec, device: torch.device, dtype: torch.dtype, p
         logit_scale=float(torch.exp(model.logit_scale.detach().double()).reshape(-1)[0]),
         logit_bias=float(model.logit_bias.detach().double().reshape(-1)[0]),
         text_unavailable_reason=text_reason,
+        text=model.text_model,
     )
 
 

@@ -279,7 +279,9 @@ def exp5_overall_summary(per_model: Mapping[str, Mapping[str, Any]], config: Map
 
 def sensitivity_stats(uncertainty: np.ndarray, sensitivity: np.ndarray) -> dict[str, Any]:
     """ρ(uncertainty, prompt sensitivity) (Spearman) and the sensitivity's mean."""
-    rho, pval, _ = spearman(np.asarray(uncertainty, dtype=np.float64), np.asarray(sensitivity, dtype=np.float64))
+    rho, pval, _ = spearman(
+        np.asarray(uncertainty, dtype=np.float64), np.asarray(sensitivity, dtype=np.float64)
+    )
     return {
         "rho_uncertainty_vs_prompt_sensitivity": rho,
         "p_uncertainty_vs_prompt_sensitivity": pval,

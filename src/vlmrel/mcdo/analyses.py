@@ -94,6 +94,21 @@ def synthetic_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
     return synthetic_separation(natural, synthetic)
 
 
+def text_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
+    """exp10: text-encoder MC dropout against the prompts' specificity, by style."""
+    from vlmrel.mcdo import text
+
+    styles, prompts, scores = text.load_text_trials(_only(arms))
+    return text.text_summary(styles, prompts, scores)
+
+
+def search_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
+    """exp11: the rate search, chosen on the search split, reported on the held-out split."""
+    from vlmrel.mcdo import concrete
+
+    return concrete.search_summary(concrete.load_arrays(_only(arms)[0]))
+
+
 # ---- over models (an entry's ``overall``) -----------------------------------------------------------
 
 
@@ -116,6 +131,24 @@ def model_matrix_figure(summary: Mapping[str, Any], out: PathLike, dpi: int) -> 
 
 
 # ---- figures ---------------------------------------------------------------------------------------
+
+
+def text_figure(
+    summary: Mapping[str, Any], arms: Sequence[ArmRuns], out: PathLike, model: str, dpi: int
+) -> None:
+    from vlmrel.mcdo import figures, text
+
+    styles, prompts, scores = text.load_text_trials(_only(arms))
+    spec = np.array([text.specificity(p) for p in prompts])
+    figures.text_dropout_figure(styles, scores.mean(axis=0), spec, summary, out, model, dpi=dpi)
+
+
+def search_figure(
+    summary: Mapping[str, Any], arms: Sequence[ArmRuns], out: PathLike, model: str, dpi: int
+) -> None:
+    from vlmrel.mcdo import figures
+
+    figures.rate_search_figure(summary, out, model, dpi=dpi)
 
 
 def recipe_figure(

@@ -247,7 +247,9 @@ def model_matrix(
         for m in models:
             ids, stacks = scores[m]
             pos = {str(i): j for j, i in enumerate(ids)}
-            means[m] = _as_kn(stacks[recipe], f"exp4_full {m} {recipe}").mean(axis=0)[[pos[i] for i in shared]]
+            means[m] = _as_kn(stacks[recipe], f"exp4_full {m} {recipe}").mean(axis=0)[
+                [pos[i] for i in shared]
+            ]
         mat, pairs = _matrix(models, means)
         out["recipes"][recipe] = {"spearman_matrix": mat, "pairs": pairs, "offdiagonal": _offdiag(pairs)}
     return out

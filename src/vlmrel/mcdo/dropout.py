@@ -36,7 +36,7 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,9 +124,15 @@ class Injection:
     """
 
     def __init__(
-        self, p: float, generator: torch.Generator, kind: str, active: Collection[str] | None
+        self,
+        p: float,
+        generator: torch.Generator,
+        kind: str,
+        active: Collection[str] | None,
+        rates: Mapping[str, float] | None = None,
     ) -> None:
         self.p = float(p)
+        self.rates = {str(k): float(v) for k, v in (rates or {}).items()}
         self.generator = generator
         self.kind = kind
         self.targets: list[str] = []
@@ -134,24 +140,32 @@ class Injection:
         self._active = None if active is None else set(active)
         self._patched: list[nn.Module] = []
 
+    def rate(self, target: str) -> float:
+        """The dropout rate at ``target``: its own rate (exp11's layer-wise rates), else ``p``."""
+        return self.rates.get(target, self.p)
+
+    def any_active(self) -> bool:
+        return self.p > 0.0 or any(r > 0.0 for r in self.rates.values())
+
     def is_active(self, target: str) -> bool:
-        """Whether noise is applied at ``target`` (p > 0 and the target is selected)."""
-        return self.p > 0.0 and (self._active is None or target in self._active)
+        """Whether noise is applied at ``target`` (its rate > 0 and the target is selected)."""
+        return self.rate(target) > 0.0 and (self._active is None or target in self._active)
 
     def reset_calls(self) -> None:
         for key in self.calls:
             self.calls[key] = 0
 
-    def noise_input(self, x: torch.Tensor) -> torch.Tensor:
+    def noise_input(self, x: torch.Tensor, target: str | None = None) -> torch.Tensor:
+        p = self.p if target is None else self.rate(target)
         if self.kind == "gaussian":
-            return _gaussian(x, self.p, self.generator)
-        return _dropout(x, self.p, self.generator)
+            return _gaussian(x, p, self.generator)
+        return _dropout(x, p, self.generator)
 
-    def noise_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return _dropout(w, self.p, self.generator)
+    def noise_weight(self, w: torch.Tensor, target: str | None = None) -> torch.Tensor:
+        return _dropout(w, self.p if target is None else self.rate(target), self.generator)
 
-    def noise_output(self, y: torch.Tensor) -> torch.Tensor:
-        return _dropout(y, self.p, self.generator)
+    def noise_output(self, y: torch.Tensor, target: str | None = None) -> torch.Tensor:
+        return _dropout(y, self.p if target is None else self.rate(target), self.generator)
 
     def remove(self) -> None:
         """Restore every patched module's own forward."""
@@ -178,10 +192,10 @@ def _linear_forward(inj: Injection, module: nn.Linear, target: str) -> Callable[
         if not inj.is_active(target):
             return original(x)
         if inj.kind == "dropconnect":
-            return F.linear(x, inj.noise_weight(module.weight), module.bias)
+            return F.linear(x, inj.noise_weight(module.weight, target), module.bias)
         if inj.kind in OUTPUT_KINDS:
-            return inj.noise_output(original(x))
-        return original(inj.noise_input(x))
+            return inj.noise_output(original(x), target)
+        return original(inj.noise_input(x, target))
 
     return forward
 
@@ -201,7 +215,7 @@ def _mha_forward(inj: Injection, mha: nn.MultiheadAttention, prefix: str) -> Cal
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if inj.p == 0.0:  # exact no-op: the module's own forward, calls still counted
+        if not inj.any_active():  # exact no-op: the module's own forward, calls still counted
             for t in in_targets:
                 inj._count(t)
             inj._count(out_target)
@@ -265,12 +279,12 @@ def mha_functional(
 
     def on_input(target: str, x: torch.Tensor) -> torch.Tensor:
         if inj is not None and inj.kind in ("input", "gaussian") and inj.is_active(target):
-            return inj.noise_input(x)
+            return inj.noise_input(x, target)
         return x
 
     def on_output(target: str, y: torch.Tensor) -> torch.Tensor:
         if inj is not None and inj.kind in OUTPUT_KINDS and inj.is_active(target):
-            return inj.noise_output(y)
+            return inj.noise_output(y, target)
         return y
 
     def on_weight(target: str, w: torch.Tensor) -> torch.Tensor:
@@ -278,7 +292,7 @@ def mha_functional(
             return w
         inj._count(target)
         if inj.kind == "dropconnect" and inj.is_active(target):
-            return inj.noise_weight(w)
+            return inj.noise_weight(w, target)
         return w
 
     same_kv = key is value
@@ -366,6 +380,7 @@ def inject_dropout(
     kind: str = "input",
     *,
     only: Collection[str] | None = None,
+    rates: Mapping[str, float] | None = None,
 ) -> Injection:
     """Inject MC dropout into every linear map of ``vision``; returns the :class:`Injection`.
 
@@ -374,8 +389,9 @@ def inject_dropout(
     so ``out_proj`` is a target that is never called), "input" (inverted dropout on each
     linear map's input), "dropconnect" (Bernoulli mask on the weight, scaled 1/(1-p)) or
     "gaussian" (multiplicative N(1, p/(1-p)) noise on the input). ``only`` restricts the noise to
-    the named targets (the others still count calls). p == 0 is an exact no-op.
-    ``vision`` may be any module (exp10 injects into a text tower).
+    the named targets (the others still count calls); ``rates`` gives targets their own rate
+    (exp11's layer-wise search), the others keep ``p``. p == 0 (and no positive rate) is an exact
+    no-op. ``vision`` may be any module (exp10 injects into a text tower).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown dropout kind {kind!r}; choose one of {KINDS}")
@@ -383,7 +399,10 @@ def inject_dropout(
         raise ValueError(f"dropout rate p must be in [0, 1), got {p!r}")
     if any("forward" in m.__dict__ for m in vision.modules()):
         raise RuntimeError("vision tower already has patched forwards (an injection not removed?)")
-    inj = Injection(p, generator, kind, only)
+    for target, rate in (rates or {}).items():
+        if not (0.0 <= float(rate) < 1.0):
+            raise ValueError(f"dropout rate of {target!r} must be in [0, 1), got {rate!r}")
+    inj = Injection(p, generator, kind, only, rates)
     for name, module in vision.named_modules():
         if isinstance(module, nn.MultiheadAttention) and kind != "seed002":
             module.forward = _mha_forward(inj, module, name)
@@ -394,8 +413,10 @@ def inject_dropout(
             inj._patched.append(module)
             inj.targets.append(name)
     inj.calls = dict.fromkeys(inj.targets, 0)
-    if only is not None:
-        unknown = sorted(set(only) - set(inj.targets))
+    for selected in (only, rates):
+        if selected is None:
+            continue
+        unknown = sorted(set(selected) - set(inj.targets))
         if unknown:
             inj.remove()
             raise ValueError(f"unknown injection targets {unknown}; targets are {inj.targets}")
@@ -489,6 +510,7 @@ def run_trial(
     kind: str = "input",
     progress: bool = True,
     on_pass: Callable[[int, int, torch.Tensor], None] | None = None,
+    rates: Mapping[str, float] | None = None,
 ) -> TrialResult:
     """One MC-dropout trial: T_max passes per batch, trace snapshots at every T in ``T_list``.
 
@@ -516,7 +538,7 @@ def run_trial(
     total = None if n_batches is None else n_batches * t_max
     bar = tqdm(total=total, disable=not progress, unit="pass", desc=f"{encoder.name} p={p} trial {trial}")
     batch_size = 0
-    with inject_dropout(encoder.vision, p, generator, kind):
+    with inject_dropout(encoder.vision, p, generator, kind, rates=rates):
         for b, (batch_ids, pixels) in enumerate(batches):
             x = encoder.prepare(pixels)
             if len(batch_ids) != x.shape[0]:
