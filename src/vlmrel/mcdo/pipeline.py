@@ -242,7 +242,7 @@ def reliability_overall(summary_paths: Sequence[PathLike], out: PathLike) -> dic
 def experiment_summary(exp: str, model: str, arms: Sequence[ArmRuns], out: PathLike) -> dict[str, Any]:
     """The summary of one (experiment, model): the registry entry's analysis on its arms."""
     result = EXPERIMENTS[exp].analysis(arms)
-    summary = {**result, "experiment": exp, "model": model, "score": f"trace_{SCORE_SPACE} at max T"}
+    summary = {"score": f"trace_{SCORE_SPACE} at max T", **result, "experiment": exp, "model": model}
     write_json(out, summary)
     return summary
 
