@@ -165,7 +165,7 @@ def exp_num_images(wildcards):
 
 
 def exp_prompt_file(wildcards):
-    """exp10's user prompt file, an input when configured (its content then triggers reruns)."""
+    """A text experiment's user prompt file, an input when configured (its content then triggers reruns)."""
     path = MCDO[wildcards.exp].get("prompt_file")
     return [path] if path else []
 

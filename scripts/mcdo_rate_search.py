@@ -1,4 +1,4 @@
-"""exp11: the layer-wise dropout-rate search (every candidate's K trials) of one model."""
+"""A rate-search job: the layer-wise dropout-rate search (every candidate's K trials) of one model."""
 
 import torch
 

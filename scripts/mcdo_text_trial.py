@@ -1,4 +1,4 @@
-"""exp10, one trial: MC dropout in the text tower over the seeded prompt sample."""
+"""A text-tower trial: MC dropout in the text tower over the seeded prompt sample."""
 
 import torch
 
