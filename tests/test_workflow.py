@@ -242,7 +242,7 @@ def test_angular_variance_matches_a_direct_computation(gate_run):
     work, cfg, _ = gate_run
     res = work / "results" / cfg["run"]
     exp = cfg["mcdo"]["exp0b"]
-    with np.load(res / "mcdo/exp0b/tiny_clip/input/p0.01/geometry0.npz", allow_pickle=False) as z:
+    with np.load(res / f"mcdo/exp0b/tiny_clip/{cfg['mcdo']['dropout_kind']}/p0.01/geometry0.npz", allow_pickle=False) as z:
         stored, ids = z["angular_variance"], list(z["image_id"])
     passes: dict[int, list[np.ndarray]] = {}
     torch.set_num_threads(cfg["threads"])
@@ -257,6 +257,7 @@ def test_angular_variance_matches_a_direct_computation(gate_run):
         seed=cfg["mcdo"]["seed"],
         trial=0,
         T_list=exp["T"],
+        kind=cfg["mcdo"]["dropout_kind"],
         progress=False,
         on_pass=lambda start, t, f: passes.setdefault(start, []).append(f.double().numpy()),
     )
