@@ -469,4 +469,7 @@ def test_rebuild_only_what_changed(demo_run):
     assert "mcdo/exp0/overall_summary.json" in names
     assert any(n.startswith("figures/") for n in names)
     assert not any(n.startswith(("pixels/", "images/")) for n in names), sorted(names)
-    assert not any(n.endswith(("trial0.npz", "geometry0.npz")) for n in names), sorted(names)
+    # files that existed before and changed (new ones may appear: with one more trial the gate may now ask
+    # for the convergence sweep, which runs even though the demo forces Phase 2)
+    rebuilt = {os.path.relpath(p, res) for p in changed if p in before}
+    assert not any(n.endswith(("trial0.npz", "geometry0.npz")) for n in rebuilt), sorted(rebuilt)
