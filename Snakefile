@@ -94,10 +94,15 @@ rule phase2:
         phase2_targets,
 
 
+rule phase4:
+    input:
+        phase4_targets,
+
+
 rule mcdo:
     input:
         phase1_targets(),
-        phase2_targets,
+        later_targets,
 
 
 rule anomaly:

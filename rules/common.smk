@@ -127,7 +127,7 @@ def exp_arms(exp, model):
     return [
         {
             **arm.record(),
-            "files": mcdo_registry.arm_files(RESULTS, exp, model, arm, entry.stem, MCDO[exp]["trials"]),
+            "files": mcdo_registry.arm_files(RESULTS, exp, model, arm, entry.stem, entry.n_files(MCDO[exp])),
         }
         for arm in entry.arms(MCDO[exp], MCDO)
     ]
@@ -174,6 +174,12 @@ def exp_num_images(wildcards):
     return MCDO[wildcards.exp].get("num_images")
 
 
+def exp_prompt_file(wildcards):
+    """A text experiment's user prompt file, an input when configured (its content then triggers reruns)."""
+    path = MCDO[wildcards.exp].get("prompt_file")
+    return [path] if path else []
+
+
 def exp_is_geometry(wildcards):
     return mcdo_registry.EXPERIMENTS[wildcards.exp].job == "geometry"
 
@@ -192,6 +198,11 @@ def synthetic_setting(key):
 def experiment_caption(wildcards):
     """The caption text of an experiment's own figure (its registry entry names the file)."""
     return Path(workflow.basedir, "report", mcdo_registry.EXPERIMENTS[wildcards.exp].caption).read_text().strip()
+
+
+def overall_caption(wildcards):
+    """The caption text of an experiment's figure over models."""
+    return Path(workflow.basedir, "report", mcdo_registry.EXPERIMENTS[wildcards.exp].overall_caption).read_text().strip()
 
 
 def run_pixels(wildcards):
@@ -221,6 +232,11 @@ def gate_input(wildcards=None):
     return f"{RESULTS}/mcdo/{GATE_INPUT}/overall_summary.json"
 
 
+def gate_checks(wildcards=None):
+    """The overall summaries of Phase 1's ambiguity experiments: recorded by the gate as checks, not blockers."""
+    return [f"{RESULTS}/mcdo/{e}/{e}_overall_summary.json" for e in mcdo_registry.names(MCDO_EXPS, phase=1, summary="ambiguity")]
+
+
 def sweep_input(wildcards=None):
     return f"{RESULTS}/mcdo/{SWEEP}/overall_summary.json"
 
@@ -228,23 +244,35 @@ def sweep_input(wildcards=None):
 def final_gate(wildcards):
     """gate.json, or the gate after the sweep when the first gate asked for one."""
     gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
-    if gate["decision"] == "convergence_sweep" and not gate["run_phase2"] and SWEEP in MCDO:
+    if gate["decision"] == "convergence_sweep" and SWEEP in MCDO:  # forced or not: the sweep is recorded
         return checkpoints.mcdo_gate_sweep.get(run=RUN).output[0]
     return f"{RESULTS}/mcdo/gate.json"
 
 
-def phase2_targets(wildcards):
-    """Data-dependent: Phase 2 enters the DAG only when the gate (or the config's force flag) says so."""
-    gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
-    targets = [f"{RESULTS}/mcdo/gate.json"]
-    if gate["decision"] == "convergence_sweep":
-        targets += [t for e in SWEEPS for t in exp_outputs(e)]
-    final = read_json(final_gate(wildcards))
-    if final["run_phase2"]:
-        targets += [t for e in PHASE2 for t in exp_outputs(e)]
-    else:
-        targets.append(f"{RESULTS}/mcdo/phase2_not_run.md")
+def gated_targets_of(phases):
+    """Data-dependent targets of the gated phases: they enter the DAG only when the gate (or the config's
+    force flag) says so; the sweep and its gate when the first gate asked for one."""
+
+    def targets(wildcards):
+        gate = read_json(checkpoints.mcdo_gate.get(run=RUN).output[0])
+        out = [f"{RESULTS}/mcdo/gate.json"]
+        if gate["decision"] == "convergence_sweep":
+            out += [t for e in SWEEPS for t in exp_outputs(e)]
+        final_path = final_gate(wildcards)
+        out.append(final_path)
+        if read_json(final_path)["run_phase2"]:
+            out += [t for ph in phases for e in mcdo_registry.names(MCDO_EXPS, phase=ph) for t in exp_outputs(e)]
+        else:
+            out.append(f"{RESULTS}/mcdo/phase2_not_run.md")
+        return list(dict.fromkeys(out))
+
     return targets
+
+
+phase2_targets = gated_targets_of([2])
+phase4_targets = gated_targets_of([4])
+#: every phase after the gate (registry.GATED_PHASES): what `mcdo` and `all` build
+later_targets = gated_targets_of(mcdo_registry.GATED_PHASES)
 
 
 # `all` builds every chain in config["chains"]: the static targets are listed up front (a dry run shows
@@ -406,7 +434,7 @@ def static_targets():
 
 
 def gated_targets(wildcards):
-    return phase2_targets(wildcards) if "mcdo" in config["chains"] else []
+    return later_targets(wildcards) if "mcdo" in config["chains"] else []
 
 
 # ---- anomaly ----------------------------------------------------------------------------------------

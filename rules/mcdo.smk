@@ -47,6 +47,71 @@ use rule mcdo_trial as mcdo_geometry with:
         "results/{run}/benchmarks/mcdo/{exp}/{model}/{kind}/p{p}/geometry{k}.tsv"
 
 
+rule mcdo_text_trial:
+    input:
+        prompts=exp_prompt_file,
+    output:
+        "results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/text{k}.npz",
+    wildcard_constraints:
+        exp=exps_where(job="text"),
+    params:
+        seed=MCDO["seed"],
+        T=exp_T,
+        precision=MCDO["precision"],
+        batch_size=MCDO["batch_size"],
+        device=config["device"],
+        num_prompts=exp_setting("num_prompts"),
+        class_names=exp_setting("class_names"),
+        prompt_file=exp_setting("prompt_file"),
+    log:
+        "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/text{k}.log",
+    benchmark:
+        "results/{run}/benchmarks/mcdo/{exp}/{model}/{kind}/p{p}/text{k}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=MCDO["mem_mb"],
+        gpu=GPU,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_text_trial.py"
+
+
+rule mcdo_rate_search:
+    input:
+        pixels=run_pixels,
+    output:
+        "results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/search{k}.npz",
+    wildcard_constraints:
+        exp=exps_where(job="search"),
+        k="0",
+    params:
+        seed=MCDO["seed"],
+        T=exp_T,
+        trials=exp_setting("trials"),
+        precision=MCDO["precision"],
+        batch_size=MCDO["batch_size"],
+        num_images=exp_num_images,
+        device=config["device"],
+        class_names=exp_setting("class_names"),
+        groups=exp_setting("groups"),
+        candidates=exp_setting("candidates"),
+        rate_range=exp_setting("rate_range"),
+        search_fraction=exp_setting("search_fraction"),
+    log:
+        "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/search{k}.log",
+    benchmark:
+        "results/{run}/benchmarks/mcdo/{exp}/{model}/{kind}/p{p}/search{k}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=MCDO["mem_mb"],
+        gpu=GPU,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_rate_search.py"
+
+
 rule pixels_synthetic:
     input:
         manifest="results/{run}/images/manifest.tsv",
@@ -130,6 +195,7 @@ rule mcdo_ambiguity:
     input:
         trials=run_files,
         pixels=pixels_for_model,
+        manifest="results/{run}/images/manifest.tsv",
     output:
         summary="results/{run}/mcdo/{exp}/{model}/summary.json",
         per_image="results/{run}/mcdo/{exp}/{model}/per_image.tsv",
@@ -139,6 +205,7 @@ rule mcdo_ambiguity:
         class_names=exp_setting("class_names"),
         prompt_template=exp_setting("prompt_template"),
         high_entropy_quantile=exp_setting("high_entropy_quantile"),
+        class_map=exp_setting("class_map"),
         precision=MCDO["precision"],
         batch_size=MCDO["batch_size"],
         device=config["device"],
@@ -179,12 +246,39 @@ rule mcdo_ambiguity_overall:
         "../scripts/mcdo_overall.py"
 
 
+rule mcdo_experiment_overall:
+    input:
+        unpack(runs_by_model),
+    output:
+        report(
+            "results/{run}/mcdo/{exp}/{exp}_overall_summary.json",
+            caption="../report/mcdo/experiment_overall.rst",
+            category="mcdo",
+            subcategory="{exp}",
+        ),
+    wildcard_constraints:
+        exp=exps_where(has_overall=True),
+    params:
+        models=exp_models,
+        caption=overall_caption,
+    log:
+        "results/{run}/logs/mcdo/{exp}/overall_summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_overall.py"
+
+
 # ---- the go/no-go gate (seed 002, section 6) --------------------------------------------------
 
 
 checkpoint mcdo_gate:
     input:
         overall=gate_input,
+        checks=gate_checks,
     output:
         report(
             "results/{run}/mcdo/gate.json",
@@ -209,6 +303,7 @@ checkpoint mcdo_gate_sweep:
     input:
         overall=gate_input,
         sweep=sweep_input,
+        checks=gate_checks,
     output:
         "results/{run}/mcdo/gate_after_sweep.json",
     params:
@@ -374,6 +469,33 @@ rule mcdo_figure_experiment:
         caption=experiment_caption,
     log:
         "results/{run}/logs/figures/mcdo/{exp}_{model}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_figure.py"
+
+
+rule mcdo_figure_overall:
+    input:
+        "results/{run}/mcdo/{exp}/{exp}_overall_summary.json",
+    output:
+        report(
+            "results/{run}/figures/mcdo/{exp}_matrix.png",
+            caption="../report/mcdo/experiment_overall.rst",
+            category="mcdo",
+            subcategory="{exp}",
+            labels={"model": "all", "figure": "{exp} over models"},
+        ),
+    wildcard_constraints:
+        exp=exps_where(has_overall=True),
+    params:
+        dpi=config["figures"]["dpi"],
+        caption=overall_caption,
+    log:
+        "results/{run}/logs/figures/mcdo/{exp}_matrix.log",
     threads: 1
     resources:
         mem_mb=1000,

@@ -20,5 +20,7 @@ summary = ambiguity(
     device=p.device,
     summary_path=snakemake.output.summary,
     per_image_path=snakemake.output.per_image,
+    manifest=snakemake.input.manifest,
+    class_map=p.class_map,
 )
 log.info("%s: %s", snakemake.wildcards.model, summary.get("reason") or "evaluated")

@@ -15,6 +15,8 @@ elif rule == "mcdo_figure_convergence":
     pipeline.convergence_figure(inputs[0], out, dpi=dpi)
 elif rule == "mcdo_figure_geometry":
     pipeline.geometry_figure({m: inputs[m] for m in snakemake.params.models}, out, dpi=dpi)
+elif rule == "mcdo_figure_overall":
+    pipeline.overall_figure(w.exp, inputs[0], out, dpi=dpi)
 elif rule == "mcdo_figure_ambiguity":
     pipeline.ambiguity_figure(w.exp, w.model, inputs.summary, inputs.per_image, out, dpi=dpi)
 else:

@@ -10,4 +10,10 @@ if snakemake.rule == "mcdo_phase2_note":
     pipeline.phase_note(inputs[0], snakemake.output[0])
 else:
     sweep = inputs.sweep if "sweep" in inputs.keys() else None
-    pipeline.gate(inputs.overall, snakemake.output[0], force=snakemake.params.force, sweep_path=sweep)
+    pipeline.gate(
+        inputs.overall,
+        snakemake.output[0],
+        force=snakemake.params.force,
+        sweep_path=sweep,
+        check_paths=list(inputs.checks),
+    )

@@ -113,3 +113,56 @@ def test_class_names_and_prompts(tmp_path):
     assert make_prompts(["cat", "dog"], "a photo of a {}.") == ["a photo of a cat.", "a photo of a dog."]
     with pytest.raises(ValueError, match="placeholder"):
         make_prompts(["cat"], "a photo")
+
+
+def test_prompt_sensitivity_equals_a_direct_computation():
+    from vlmrel.mcdo.ambiguity import (
+        SENSITIVITY_TEMPLATES,
+        prompt_sensitivity,
+        sensitivity_stats,
+        template_max_probs,
+    )
+
+    rng = np.random.default_rng(4)
+    names = ["cat", "dog", "car", "tree"]
+    img = rng.standard_normal((30, 8))
+    bank = {}
+
+    def encode_text(prompts):
+        for p in prompts:
+            bank.setdefault(p, rng.standard_normal(8))
+        return np.stack([bank[p] for p in prompts])
+
+    got = prompt_sensitivity(template_max_probs(img, encode_text, names, 50.0))
+    maxima = []
+    for t in SENSITIVITY_TEMPLATES:
+        txt = np.stack([bank[t.replace("{}", n)] for n in names])
+        maxima.append(softmax(50.0 * _cos(img, txt), axis=1).max(axis=1))
+    m = np.stack(maxima, axis=1)
+    direct = ((m - m.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) / (m.shape[1] - 1)
+    np.testing.assert_allclose(got, direct, rtol=1e-12, atol=1e-15)
+    assert set(bank) == {t.replace("{}", n) for t in SENSITIVITY_TEMPLATES for n in names}
+    u = rng.random(30)
+    s = sensitivity_stats(u, got)
+    assert s["rho_uncertainty_vs_prompt_sensitivity"] == pytest.approx(spearmanr(u, direct).statistic)
+
+
+def test_wordnet_folders_map_to_imagenet_names_and_labels(tmp_path):
+    from open_clip import IMAGENET_CLASSNAMES
+
+    from vlmrel.mcdo.imagenet import folder_labels, imagenet_wnids
+
+    wnids = imagenet_wnids()
+    assert wnids[0] == "n01440764" and wnids[-1] == "n15075141" and wnids == sorted(wnids)
+    names = list(IMAGENET_CLASSNAMES)
+    got, labels = folder_labels(
+        ["n01440764/a.JPEG", "x/n15075141/b.JPEG", "flat.jpg", "goldfish/c.jpg", "n99999999/d.JPEG"], names
+    )
+    assert got == ["tench", "toilet paper", "", "goldfish", ""]
+    assert labels == [0, 999, -1, 1, -1]
+    cmap = tmp_path / "map.tsv"
+    cmap.write_text("n00000001\tcat\nn00000002\tdog\n")
+    assert folder_labels(["n00000002/x.png"], ["cat", "dog"], cmap) == (["dog"], [1])
+    cmap.write_text("n00000001 cat\n")
+    with pytest.raises(ValueError, match="wnid<TAB>"):
+        folder_labels(["n00000001/x.png"], ["cat", "dog"], cmap)

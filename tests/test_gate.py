@@ -97,3 +97,26 @@ def test_convergence_summary():
     rho = [m["reliability"]["pre"][str(t)]["spearman_median"] for t in T_LIST]
     assert conv["curves"]["pre"]["spearman_median"] == rho
     assert conv["knee"]["pre"] == knee(T_LIST, rho, 0.05)
+
+
+def test_exp5_sanity_checks_are_recorded_not_blocking():
+    from vlmrel.mcdo.ambiguity import exp5_overall_summary
+
+    per_model = {
+        "good": {"skipped": False, "rho_uncertainty_vs_entropy": 0.45, "auroc_high_entropy": 0.7, "sanity_ok": True},
+        "weak": {"skipped": False, "rho_uncertainty_vs_entropy": 0.31, "auroc_high_entropy": 0.6, "sanity_ok": False},
+        "none": {"skipped": True, "reason": "no text tower"},
+    }
+    check = {**exp5_overall_summary(per_model, {}), "experiment": "exp5_subset"}
+    ov = overall_summary([_model("a", NOISE), _model("b", NOISE, seed=2)])
+    plain, checked = decide_gate(ov), decide_gate(ov, checks=[check])
+    assert checked["decision"] == plain["decision"] == "negative_result"
+    assert checked["run_phase2"] is plain["run_phase2"] is False
+    c = checked["checks"]["exp5_subset"]
+    assert c["blocking"] is False and c["any_ok"] is True
+    assert c["models"]["good"]["ok"] and c["models"]["good"]["rho_uncertainty_vs_entropy_ok"]
+    assert not c["models"]["weak"]["ok"] and c["models"]["weak"]["rho_uncertainty_vs_entropy_ok"]
+    assert not c["models"]["weak"]["auroc_high_entropy_ok"]  # 0.6 is not > 0.6
+    assert c["models"]["none"] == {"skipped": True, "reason": "no text tower"}
+    assert any("not a blocker" in r for r in checked["reasons"])
+    assert plain["checks"] == {}

@@ -196,3 +196,32 @@ def test_phase_figures_write_pngs(tmp_path):
     for name, job in jobs.items():
         job(tmp_path / name)
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_exp4_full_model_matrix_is_symmetric_with_a_unit_diagonal():
+    from vlmrel.mcdo.comparisons import model_matrix
+
+    rng = np.random.default_rng(2)
+    ids = [f"im{i}" for i in range(30)]
+    base = rng.random(30)
+    scores = {}
+    for j, m in enumerate(["a", "b", "c"]):
+        stacks = {
+            "trace_pre": base + rng.normal(0, 0.2 * (j + 1), (3, 30)),
+            "angular_variance": rng.random((3, 30)),
+        }
+        scores[m] = (ids, stacks)
+    # model c lists its images in another order: matched by id
+    order = rng.permutation(30)
+    scores["c"] = ([ids[i] for i in order], {k: v[:, order] for k, v in scores["c"][1].items()})
+    out = model_matrix(scores)
+    assert out["models"] == ["a", "b", "c"] and out["n_images"] == 30
+    for recipe in ("trace_pre", "angular_variance"):
+        mat = np.array(out["recipes"][recipe]["spearman_matrix"])
+        assert mat.shape == (3, 3)
+        np.testing.assert_array_equal(mat, mat.T)
+        np.testing.assert_array_equal(np.diag(mat), np.ones(3))
+    mat = np.array(out["recipes"]["trace_pre"]["spearman_matrix"])
+    a_mean = scores["a"][1]["trace_pre"].mean(axis=0)
+    c_mean = scores["c"][1]["trace_pre"].mean(axis=0)[np.argsort(order)]
+    assert mat[0, 2] == pytest.approx(spearmanr(a_mean, c_mean).statistic)

@@ -148,7 +148,7 @@ def _gate_config() -> dict:
     cfg = load_config()
     cfg["chains"] = ["mcdo"]
     mcdo = cfg["mcdo"]
-    for exp in ("exp2", "exp4_full", "exp5_full", "convergence"):
+    for exp in ("exp2", "exp4_full", "exp5_full", "convergence", "exp10", "exp11"):
         mcdo.pop(exp)
 
     def small(T, trials):
@@ -188,7 +188,9 @@ def test_a_failed_gate_keeps_phase2_out_of_the_dag(gate_run):
     _, _, state = gate_run
     assert state["gate"]["decision"] == "negative_result" and state["gate"]["run_phase2"] is False
     assert "negative result" in state["note"] and "Phase 2 is not run" in state["note"]
-    assert state["dirs"] == ["exp0"]  # nothing of Phase 2 (nor the rest of Phase 1) ran
+    # nothing of Phase 2 (nor the rest of Phase 1) ran: only the gate's input and its recorded check
+    assert state["dirs"] == ["exp0", "exp5_subset"]
+    assert set(state["gate"]["checks"]) == {"exp5_subset"} and state["gate"]["checks"]["exp5_subset"]["blocking"] is False
     log = state["failed"].stdout + state["failed"].stderr
     assert "exp=exp1" not in log and "exp=exp3" not in log and "mcdo_experiment_summary" not in log
 
@@ -240,7 +242,7 @@ def test_angular_variance_matches_a_direct_computation(gate_run):
     work, cfg, _ = gate_run
     res = work / "results" / cfg["run"]
     exp = cfg["mcdo"]["exp0b"]
-    with np.load(res / "mcdo/exp0b/tiny_clip/input/p0.01/geometry0.npz", allow_pickle=False) as z:
+    with np.load(res / f"mcdo/exp0b/tiny_clip/{cfg['mcdo']['dropout_kind']}/p0.01/geometry0.npz", allow_pickle=False) as z:
         stored, ids = z["angular_variance"], list(z["image_id"])
     passes: dict[int, list[np.ndarray]] = {}
     torch.set_num_threads(cfg["threads"])
@@ -255,6 +257,7 @@ def test_angular_variance_matches_a_direct_computation(gate_run):
         seed=cfg["mcdo"]["seed"],
         trial=0,
         T_list=exp["T"],
+        kind=cfg["mcdo"]["dropout_kind"],
         progress=False,
         on_pass=lambda start, t, f: passes.setdefault(start, []).append(f.double().numpy()),
     )
@@ -267,6 +270,42 @@ def test_angular_variance_matches_a_direct_computation(gate_run):
     assert len(ids) == direct.size == exp["num_images"]
     np.testing.assert_allclose(stored, direct, rtol=1e-5)
     assert np.all(direct > 0)
+
+
+@pytest.fixture(scope="module")
+def forced_sweep_run(tmp_path_factory):
+    """A marginal gate (exp0's overall summary rewritten as marginal) with Phase 2 forced: the sweep and
+    the gate after it still run."""
+    work = tmp_path_factory.mktemp("sweep")
+    cfg = _gate_config()
+    mcdo = cfg["mcdo"]
+    for exp in ("exp0b", "exp4_subset", "exp3"):
+        mcdo.pop(exp)
+    mcdo["exp1"] = {"models": ["tiny_clip"], "rates": [0.01, 0.05], "T": [4], "trials": 2, "num_images": 8}
+    mcdo["convergence"] = {"models": ["tiny_clip"], "T": [2, 4], "trials": 2, "num_images": 8}
+    mcdo["gate"] = {"force_phase2": True}
+    configfile = write_config(work / "c.yaml", cfg)
+    res = work / "results" / cfg["run"] / "mcdo"
+    snakemake(work, configfile, f"results/{cfg['run']}/mcdo/exp0/overall_summary.json")
+    overall_path = res / "exp0" / "overall_summary.json"
+    overall = json.loads(overall_path.read_text())
+    overall.update(best_status="marginal", any_usable=False, all_failed_at_T_max=False)
+    for entry in overall["models"].values():
+        entry["best_status"] = "marginal"
+    overall_path.write_text(json.dumps(overall))
+    snakemake(work, configfile, "phase2")
+    return res
+
+
+def test_the_sweep_gate_is_written_even_when_phase2_is_forced(forced_sweep_run):
+    res = forced_sweep_run
+    gate = json.loads((res / "gate.json").read_text())
+    assert gate["decision"] == "convergence_sweep" and gate["forced"] and gate["run_phase2"]
+    after = json.loads((res / "gate_after_sweep.json").read_text())
+    assert after["forced"] and after["run_phase2"] and after["sweep"] is not None
+    assert set(after["sweep"]["models"]) == {"tiny_clip"}
+    assert (res / "convergence" / "overall_summary.json").is_file()
+    assert (res / "exp1" / "tiny_clip" / "summary.json").is_file()
 
 
 # ---- the demo, end to end -------------------------------------------------------------------
@@ -286,7 +325,7 @@ def demo_run(tmp_path_factory):
 
 
 def _exp0_trial(res, model: str, k: int):
-    return res / "mcdo" / "exp0" / model / "input" / "p0.01" / f"trial{k}.npz"
+    return res / "mcdo" / "exp0" / model / "output" / "p0.01" / f"trial{k}.npz"
 
 
 def test_demo_outputs_follow_their_contracts(demo_run):
@@ -325,8 +364,21 @@ def test_demo_outputs_follow_their_contracts(demo_run):
     gate = json.loads((res / "mcdo" / "gate.json").read_text())
     assert gate["forced"] and gate["run_phase2"]  # the demo forces Phase 2
 
-    # Phase 1 and Phase 2: every experiment's summary and figure
-    for exp in ("exp0b", "exp4_subset", "exp5_subset", "exp1", "exp2", "exp3", "exp4_full", "exp5_full"):
+    assert set(gate["checks"]["exp5_subset"]["models"]) == set(cfg["mcdo"]["exp5_subset"]["models"])
+
+    # Phase 1, Phase 2 and Phase 4: every experiment's summary and figure
+    for exp in (
+        "exp0b",
+        "exp4_subset",
+        "exp5_subset",
+        "exp1",
+        "exp2",
+        "exp3",
+        "exp4_full",
+        "exp5_full",
+        "exp10",
+        "exp11",
+    ):
         for model in cfg["mcdo"][exp]["models"]:
             summary = json.loads((res / "mcdo" / exp / model / "summary.json").read_text())
             assert summary.get("experiment", exp) == exp
@@ -339,6 +391,33 @@ def test_demo_outputs_follow_their_contracts(demo_run):
     head = amb["models"]["effnet_lite0"]
     assert "classifier head" in head["probabilities"] and head["n_classes"] == 1000
     assert head["n_images"] == len(ok) and head["prompt_template"] is None
+    exp3 = json.loads((res / "mcdo/exp3/tiny_clip/summary.json").read_text())
+    assert {"output", "seed002", "input"} <= set(json.dumps(exp3).replace('"', " ").split())
+    # exp5: the prompt sensitivity per image, and its correlation with the uncertainty
+    from vlmrel.stats import spearman
+
+    for model in cfg["mcdo"]["exp5_subset"]["models"]:
+        if model == "effnet_lite0":  # a classifier head: prompt-free, no prompt sensitivity
+            continue
+        table = pd.read_csv(res / f"mcdo/exp5_subset/{model}/per_image.tsv", sep="\t", keep_default_na=False)
+        s5 = json.loads((res / f"mcdo/exp5_subset/{model}/summary.json").read_text())
+        assert "prompt_sensitivity" in table.columns and len(table) == len(ok)
+        assert np.all(table["prompt_sensitivity"].to_numpy(dtype=float) >= 0)
+        rho = spearman(table["uncertainty"].to_numpy(), table["prompt_sensitivity"].to_numpy(dtype=float))[0]
+        assert s5["rho_uncertainty_vs_prompt_sensitivity"] == pytest.approx(rho, nan_ok=True)
+    # exp4_full over models: the model matrix
+    matrix = json.loads((res / "mcdo/exp4_full/exp4_full_overall_summary.json").read_text())
+    for recipe in ("trace_pre", "angular_variance"):
+        m = np.array(matrix["recipes"][recipe]["spearman_matrix"], dtype=float)
+        assert m.shape == (2, 2) and m[0, 1] == m[1, 0] and np.all(np.diag(m) == 1)
+    # Phase 4: exp10's text trials, exp11's search
+    for model in cfg["mcdo"]["exp10"]["models"]:
+        s10 = json.loads((res / f"mcdo/exp10/{model}/summary.json").read_text())
+        assert s10["n_prompts"] == cfg["mcdo"]["exp10"]["num_prompts"] and "partial_rho_controlling_tokens" in s10
+    s11 = json.loads((res / "mcdo/exp11/tiny_clip/summary.json").read_text())
+    assert s11["n_candidates"] == cfg["mcdo"]["exp11"]["candidates"] + 1
+    assert s11["n_search"] + s11["n_heldout"] == len(ok)
+    assert {"objective_search", "objective_heldout", "uniform_objective_heldout"} <= set(s11)
     figures = sorted(p.name for p in (res / "figures" / "mcdo").glob("*.png"))
     for png in figures:
         assert (res / "figures" / "mcdo" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -350,12 +429,16 @@ def test_demo_outputs_follow_their_contracts(demo_run):
         "exp3_tiny_clip.png",
         "exp4_full_tiny_siglip.png",
         "exp5_subset_ambiguity_tiny_clip.png",
+        "exp4_full_matrix.png",
+        "exp10_tiny_clip.png",
+        "exp10_tiny_siglip.png",
+        "exp11_tiny_clip.png",
     ):
         assert name in figures
     html = (work / "report.html").read_text(errors="replace")
     assert "exp0_reliability_tiny_clip.png" in html and "exp3_tiny_clip.png" in html
     assert (
-        res / "logs" / "mcdo" / "exp0" / "tiny_clip" / "input" / "p0.01" / "trial0.log"
+        res / "logs" / "mcdo" / "exp0" / "tiny_clip" / "output" / "p0.01" / "trial0.log"
     ).stat().st_size > 0
 
 
@@ -393,4 +476,7 @@ def test_rebuild_only_what_changed(demo_run):
     assert "mcdo/exp0/overall_summary.json" in names
     assert any(n.startswith("figures/") for n in names)
     assert not any(n.startswith(("pixels/", "images/")) for n in names), sorted(names)
-    assert not any(n.endswith(("trial0.npz", "geometry0.npz")) for n in names), sorted(names)
+    # files that existed before and changed (new ones may appear: with one more trial the gate may now ask
+    # for the convergence sweep, which runs even though the demo forces Phase 2)
+    rebuilt = {os.path.relpath(p, res) for p in changed if p in before}
+    assert not any(n.endswith(("trial0.npz", "geometry0.npz")) for n in rebuilt), sorted(rebuilt)

@@ -391,7 +391,8 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp64": "float64"}
 class Encoder:
     """A frozen image/text encoder with one interface for every backend.
 
-    ``vision`` is the vision tower module (the target of dropout injection);
+    ``vision`` is the vision tower module (the target of dropout injection); ``text`` the module
+    holding the text tower's linear maps (exp10), or None;
     ``encode_image`` returns features before L2 normalisation as float32. An image classifier
     (``effnet_lite0``) has no text tower; ``logits`` gives its head's class logits and
     ``class_names`` its class names (``has_classifier`` says which kind a model is).
@@ -413,8 +414,10 @@ class Encoder:
         text_unavailable_reason: str | None = None,
         head_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         class_names: Sequence[str] | None = None,
+        text: nn.Module | None = None,
     ) -> None:
         self.name = spec.name
+        self.text = text  # the text tower's transformer (the target of exp10's dropout), None if absent
         self.spec = spec
         self.model = model
         self.vision = vision
@@ -577,6 +580,7 @@ def _load_open_clip(spec: ModelSpec, device: torch.device, dtype: torch.dtype, p
         precision=precision,
         logit_scale=float(torch.exp(model.logit_scale.detach().double()).reshape(-1)[0]),
         logit_bias=None if logit_bias is None else float(logit_bias.detach().double().reshape(-1)[0]),
+        text=getattr(model, "transformer", None),
     )
 
 
@@ -666,6 +670,7 @@ def _load_hf_siglip(spec: ModelSpec, device: torch.device, dtype: torch.dtype, p
         logit_scale=float(torch.exp(model.logit_scale.detach().double()).reshape(-1)[0]),
         logit_bias=float(model.logit_bias.detach().double().reshape(-1)[0]),
         text_unavailable_reason=text_reason,
+        text=model.text_model,
     )
 
 

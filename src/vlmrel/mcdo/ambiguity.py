@@ -280,14 +280,45 @@ def exp5_overall_summary(per_model: Mapping[str, Mapping[str, Any]], config: Map
     }
 
 
+def sensitivity_stats(uncertainty: np.ndarray, sensitivity: np.ndarray) -> dict[str, Any]:
+    """ρ(uncertainty, prompt sensitivity) (Spearman) and the sensitivity's mean."""
+    rho, pval, _ = spearman(
+        np.asarray(uncertainty, dtype=np.float64), np.asarray(sensitivity, dtype=np.float64)
+    )
+    return {
+        "rho_uncertainty_vs_prompt_sensitivity": rho,
+        "p_uncertainty_vs_prompt_sensitivity": pval,
+        "prompt_sensitivity_mean": float(np.mean(sensitivity)),
+        "sensitivity_templates": list(SENSITIVITY_TEMPLATES),
+    }
+
+
+#: The per-image table's columns (an empty table, for a skipped model, has them too).
+PER_IMAGE_COLUMNS = (
+    "image_id",
+    "uncertainty",
+    "entropy",
+    "margin",
+    "top1",
+    "p_top1",
+    "prompt_sensitivity",
+    "true_class",
+)
+
+
 def save_per_image(
     path: str | os.PathLike[str],
     image_id: Sequence[str],
     uncertainty: np.ndarray,
     probs: np.ndarray,
     class_names: Sequence[str],
+    *,
+    prompt_sensitivity: np.ndarray | None = None,
+    true_class: Sequence[str] | None = None,
 ) -> None:
-    """Per-image TSV: image id, uncertainty, entropy, margin, top-1 class and its probability."""
+    """Per-image TSV: image id, uncertainty, entropy, margin, top-1 class and its probability, the
+    prompt sensitivity (NaN when not computed) and the true class from the image's folder ('' when
+    unknown)."""
     import pandas as pd
 
     from vlmrel.io import atomic_path
@@ -302,6 +333,12 @@ def save_per_image(
             "margin": margin(p),
             "top1": [class_names[i] for i in top],
             "p_top1": p[np.arange(p.shape[0]), top],
+            "prompt_sensitivity": (
+                np.full(p.shape[0], np.nan)
+                if prompt_sensitivity is None
+                else np.asarray(prompt_sensitivity, dtype=np.float64)
+            ),
+            "true_class": [""] * p.shape[0] if true_class is None else list(true_class),
         }
     )
     with atomic_path(path) as tmp:

@@ -94,7 +94,61 @@ def synthetic_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
     return synthetic_separation(natural, synthetic)
 
 
+def text_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
+    """exp10: text-encoder MC dropout against the prompts' specificity, by style."""
+    from vlmrel.mcdo import text
+
+    styles, prompts, scores = text.load_text_trials(_only(arms))
+    return text.text_summary(styles, prompts, scores)
+
+
+def search_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
+    """exp11: the rate search, chosen on the search split, reported on the held-out split."""
+    from vlmrel.mcdo import concrete
+
+    return concrete.search_summary(concrete.load_arrays(_only(arms)[0]))
+
+
+# ---- over models (an entry's ``overall``) -----------------------------------------------------------
+
+
+def model_matrix_summary(runs_by_model: Mapping[str, Sequence[PathLike]]) -> dict[str, Any]:
+    """exp4_full: Spearman between every pair of models' trial-mean trace and angular variance."""
+    from vlmrel.mcdo.comparisons import model_matrix
+    from vlmrel.mcdo.geometry import load_geometry
+
+    scores = {}
+    for model, files in runs_by_model.items():
+        ids, stacks, _ = load_geometry(list(files))
+        scores[model] = (ids, stacks)
+    return model_matrix(scores)
+
+
+def model_matrix_figure(summary: Mapping[str, Any], out: PathLike, dpi: int) -> None:
+    from vlmrel.mcdo import figures
+
+    figures.model_matrix_heatmaps(summary, out, dpi=dpi)
+
+
 # ---- figures ---------------------------------------------------------------------------------------
+
+
+def text_figure(
+    summary: Mapping[str, Any], arms: Sequence[ArmRuns], out: PathLike, model: str, dpi: int
+) -> None:
+    from vlmrel.mcdo import figures, text
+
+    styles, prompts, scores = text.load_text_trials(_only(arms))
+    spec = np.array([text.specificity(p) for p in prompts])
+    figures.text_dropout_figure(styles, scores.mean(axis=0), spec, summary, out, model, dpi=dpi)
+
+
+def search_figure(
+    summary: Mapping[str, Any], arms: Sequence[ArmRuns], out: PathLike, model: str, dpi: int
+) -> None:
+    from vlmrel.mcdo import figures
+
+    figures.rate_search_figure(summary, out, model, dpi=dpi)
 
 
 def recipe_figure(

@@ -214,3 +214,42 @@ def recipe_agreement(recipes: Mapping[str, Any]) -> dict[str, Any]:
         "reliability": {k: _reliability_or_none(v) for k, v in arrays.items()},
         "pairs": pairs,
     }
+
+
+# --------------------------------------------------------------------------- exp4_full: the model matrix
+
+
+#: the per-image scores exp4_full compares between models (trial means)
+MATRIX_RECIPES = ("trace_pre", "angular_variance")
+
+
+def model_matrix(
+    scores: Mapping[str, tuple[Sequence[str], Mapping[str, Any]]], recipes: Sequence[str] = MATRIX_RECIPES
+) -> dict[str, Any]:
+    """exp4_full over models: Spearman between every pair of models' per-image trial-mean score.
+
+    ``scores``: model -> (image ids, {recipe: [K, N]}). Models are compared on the images they share
+    (in the first model's order). Per recipe: a symmetric matrix with a unit diagonal, the pairs and
+    the off-diagonal median and minimum.
+    """
+    models = list(scores)
+    if len(models) < 2:
+        raise ValueError(f"exp4_full's model matrix needs at least 2 models, got {models}")
+    shared = [str(i) for i in scores[models[0]][0]]
+    for m in models[1:]:
+        have = {str(i) for i in scores[m][0]}
+        shared = [i for i in shared if i in have]
+    if len(shared) < 3:
+        raise ValueError(f"exp4_full: the models share only {len(shared)} images")
+    out: dict[str, Any] = {"models": models, "n_images": len(shared), "recipes": {}}
+    for recipe in recipes:
+        means = {}
+        for m in models:
+            ids, stacks = scores[m]
+            pos = {str(i): j for j, i in enumerate(ids)}
+            means[m] = _as_kn(stacks[recipe], f"exp4_full {m} {recipe}").mean(axis=0)[
+                [pos[i] for i in shared]
+            ]
+        mat, pairs = _matrix(models, means)
+        out["recipes"][recipe] = {"spearman_matrix": mat, "pairs": pairs, "offdiagonal": _offdiag(pairs)}
+    return out

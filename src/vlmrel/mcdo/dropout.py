@@ -1,10 +1,24 @@
 """MC dropout on frozen vision towers: injection, nested-T trials and trial files (seed 002).
 
-Dropout is injected on the *input* of every ``nn.Linear`` of a vision tower (inverted dropout:
-keep-mask / (1 - p)), including the in- and out-projections of ``nn.MultiheadAttention``, whose
-forward reads ``in_proj_weight`` / ``out_proj.weight`` directly and so never calls a hook on
-``out_proj``: the injection replaces the MHA forward with an equivalent that applies the
-in-projection itself and calls ``out_proj`` as a module.
+The dropout *site* (``kind``, :data:`KINDS`):
+
+- ``output`` (the default of ``config/config.yaml``): inverted dropout (keep-mask / (1 - p)) on the
+  *output* of every linear map of the tower, including the in-projection and ``out_proj`` of
+  ``nn.MultiheadAttention``. MHA's forward reads ``in_proj_weight`` / ``out_proj.weight`` directly
+  and so never calls ``out_proj`` as a module: the injection replaces the MHA forward with an
+  equivalent that applies the in-projection itself and calls ``out_proj`` as a module.
+- ``seed002``: the seed's own code, exactly. It wrapped every ``nn.Linear`` with a ``Dropout(p)``
+  on its output and left ``nn.MultiheadAttention`` alone, so only the Linear modules whose forward
+  runs as a module in a plain forward pass are perturbed: in open_clip's towers the MLP's
+  ``c_fc`` / ``c_proj`` (and any other plain Linear), but neither the attention in-projection (a
+  parameter, not a module) nor ``out_proj`` (never called as a module). This is the site of the
+  seed's published numbers. Its one bug is not copied: the seed re-wrapped the layers on every
+  trial, so trial k ran k dropouts in series; here each trial injects into the unpatched tower and
+  removes its injection when done (:func:`inject_dropout` refuses a tower still patched).
+- ``input``: inverted dropout on the *input* of every linear map (MHA included, as for ``output``).
+- ``dropconnect``: a Bernoulli mask on each linear map's weight, scaled 1/(1 - p).
+- ``gaussian``: multiplicative N(1, p/(1 - p)) noise on each linear map's input (the variance of
+  input dropout at rate p).
 
 CNNs (``effnet_lite0``): the sites are every ``nn.Linear`` plus every pointwise convolution
 (``nn.Conv2d`` with a 1x1 kernel and ``groups == 1``: the expansion, projection and head convs).
@@ -33,7 +47,7 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +71,9 @@ __all__ = [
     "save_trial",
 ]
 
-KINDS = ("input", "dropconnect", "gaussian")
+KINDS = ("output", "input", "dropconnect", "gaussian", "seed002")
+#: kinds whose noise is inverted dropout on a linear map's output
+OUTPUT_KINDS = ("output", "seed002")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -119,9 +135,15 @@ class Injection:
     """
 
     def __init__(
-        self, p: float, generator: torch.Generator, kind: str, active: Collection[str] | None
+        self,
+        p: float,
+        generator: torch.Generator,
+        kind: str,
+        active: Collection[str] | None,
+        rates: Mapping[str, float] | None = None,
     ) -> None:
         self.p = float(p)
+        self.rates = {str(k): float(v) for k, v in (rates or {}).items()}
         self.generator = generator
         self.kind = kind
         self.targets: list[str] = []
@@ -129,21 +151,32 @@ class Injection:
         self._active = None if active is None else set(active)
         self._patched: list[nn.Module] = []
 
+    def rate(self, target: str) -> float:
+        """The dropout rate at ``target``: its own rate (exp11's layer-wise rates), else ``p``."""
+        return self.rates.get(target, self.p)
+
+    def any_active(self) -> bool:
+        return self.p > 0.0 or any(r > 0.0 for r in self.rates.values())
+
     def is_active(self, target: str) -> bool:
-        """Whether noise is applied at ``target`` (p > 0 and the target is selected)."""
-        return self.p > 0.0 and (self._active is None or target in self._active)
+        """Whether noise is applied at ``target`` (its rate > 0 and the target is selected)."""
+        return self.rate(target) > 0.0 and (self._active is None or target in self._active)
 
     def reset_calls(self) -> None:
         for key in self.calls:
             self.calls[key] = 0
 
-    def noise_input(self, x: torch.Tensor) -> torch.Tensor:
+    def noise_input(self, x: torch.Tensor, target: str | None = None) -> torch.Tensor:
+        p = self.p if target is None else self.rate(target)
         if self.kind == "gaussian":
-            return _gaussian(x, self.p, self.generator)
-        return _dropout(x, self.p, self.generator)
+            return _gaussian(x, p, self.generator)
+        return _dropout(x, p, self.generator)
 
-    def noise_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return _dropout(w, self.p, self.generator)
+    def noise_weight(self, w: torch.Tensor, target: str | None = None) -> torch.Tensor:
+        return _dropout(w, self.p if target is None else self.rate(target), self.generator)
+
+    def noise_output(self, y: torch.Tensor, target: str | None = None) -> torch.Tensor:
+        return _dropout(y, self.p if target is None else self.rate(target), self.generator)
 
     def remove(self) -> None:
         """Restore every patched module's own forward."""
@@ -170,8 +203,10 @@ def _linear_forward(inj: Injection, module: nn.Linear, target: str) -> Callable[
         if not inj.is_active(target):
             return original(x)
         if inj.kind == "dropconnect":
-            return F.linear(x, inj.noise_weight(module.weight), module.bias)
-        return original(inj.noise_input(x))
+            return F.linear(x, inj.noise_weight(module.weight, target), module.bias)
+        if inj.kind in OUTPUT_KINDS:
+            return inj.noise_output(original(x), target)
+        return original(inj.noise_input(x, target))
 
     return forward
 
@@ -219,7 +254,7 @@ def _mha_forward(inj: Injection, mha: nn.MultiheadAttention, prefix: str) -> Cal
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if inj.p == 0.0:  # exact no-op: the module's own forward, calls still counted
+        if not inj.any_active():  # exact no-op: the module's own forward, calls still counted
             for t in in_targets:
                 inj._count(t)
             inj._count(out_target)
@@ -282,16 +317,21 @@ def mha_functional(
     inj = injection
 
     def on_input(target: str, x: torch.Tensor) -> torch.Tensor:
-        if inj is not None and inj.kind != "dropconnect" and inj.is_active(target):
-            return inj.noise_input(x)
+        if inj is not None and inj.kind in ("input", "gaussian") and inj.is_active(target):
+            return inj.noise_input(x, target)
         return x
+
+    def on_output(target: str, y: torch.Tensor) -> torch.Tensor:
+        if inj is not None and inj.kind in OUTPUT_KINDS and inj.is_active(target):
+            return inj.noise_output(y, target)
+        return y
 
     def on_weight(target: str, w: torch.Tensor) -> torch.Tensor:
         if inj is None:
             return w
         inj._count(target)
         if inj.kind == "dropconnect" and inj.is_active(target):
-            return inj.noise_weight(w)
+            return inj.noise_weight(w, target)
         return w
 
     same_kv = key is value
@@ -312,24 +352,24 @@ def mha_functional(
         t = targets[0]
         w = on_weight(t, mha.in_proj_weight)
         if self_attn:
-            q, k, v = F.linear(on_input(t, query), w, bias).chunk(3, dim=-1)
+            q, k, v = on_output(t, F.linear(on_input(t, query), w, bias)).chunk(3, dim=-1)
         else:
             w_q, w_kv = w.split([embed, 2 * embed])
             b_kv = None if bias is None else bias[embed:]
-            q = F.linear(on_input(t, query), w_q, b_q)
+            q = on_output(t, F.linear(on_input(t, query), w_q, b_q))
             if same_kv:
-                k, v = F.linear(on_input(t, key), w_kv, b_kv).chunk(2, dim=-1)
+                k, v = on_output(t, F.linear(on_input(t, key), w_kv, b_kv)).chunk(2, dim=-1)
             else:
                 w_k, w_v = w_kv.split([embed, embed])
-                k = F.linear(on_input(t, key), w_k, b_k)
-                v = F.linear(on_input(t, value), w_v, b_v)
+                k = on_output(t, F.linear(on_input(t, key), w_k, b_k))
+                v = on_output(t, F.linear(on_input(t, value), w_v, b_v))
     else:
         w_q = on_weight(targets[0], mha.q_proj_weight)
         w_k = on_weight(targets[1], mha.k_proj_weight)
         w_v = on_weight(targets[2], mha.v_proj_weight)
-        q = F.linear(on_input(targets[0], query), w_q, b_q)
-        k = F.linear(on_input(targets[1], key), w_k, b_k)
-        v = F.linear(on_input(targets[2], value), w_v, b_v)
+        q = on_output(targets[0], F.linear(on_input(targets[0], query), w_q, b_q))
+        k = on_output(targets[1], F.linear(on_input(targets[1], key), w_k, b_k))
+        v = on_output(targets[2], F.linear(on_input(targets[2], value), w_v, b_v))
 
     bsz, tgt_len, _ = q.shape
     src_len = k.shape[1]
@@ -380,15 +420,20 @@ def inject_dropout(
     *,
     only: Collection[str] | None = None,
     depthwise: bool = False,
+    rates: Mapping[str, float] | None = None,
 ) -> Injection:
     """Inject MC dropout into every linear map of ``vision``; returns the :class:`Injection`.
 
-    ``kind``: "input" (inverted dropout on each Linear's input), "dropconnect" (Bernoulli
-    mask on the weight, scaled 1/(1-p)) or "gaussian" (multiplicative N(1, p/(1-p)) noise on
-    the input). The linear maps are every Linear, MultiheadAttention projection and pointwise
-    (1x1) convolution; ``depthwise`` adds the depthwise convolutions (module docstring).
-    ``only`` restricts the noise to the named targets (the others still count calls).
-    p == 0 is an exact no-op.
+    ``kind`` (module docstring): "output" (inverted dropout on each linear map's output),
+    "seed002" (the seed's code: output dropout on the ``nn.Linear`` modules only, MHA left alone,
+    so ``out_proj`` is a target that is never called), "input" (inverted dropout on each
+    linear map's input), "dropconnect" (Bernoulli mask on the weight, scaled 1/(1-p)) or
+    "gaussian" (multiplicative N(1, p/(1-p)) noise on the input). ``only`` restricts the noise to
+    the named targets (the others still count calls); ``rates`` gives targets their own rate
+    (exp11's layer-wise search), the others keep ``p``. The linear maps are every Linear,
+    MultiheadAttention projection and pointwise (1x1) convolution; ``depthwise`` adds the depthwise
+    convolutions. p == 0 (and no positive rate) is an exact no-op. ``vision`` may be any module
+    (exp10 injects into a text tower).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown dropout kind {kind!r}; choose one of {KINDS}")
@@ -404,9 +449,12 @@ def inject_dropout(
             f"BatchNorm in training mode ({training_bn[:3]}): MC dropout needs the tower in eval mode, "
             "or every pass would update the running statistics"
         )
-    inj = Injection(p, generator, kind, only)
+    for target, rate in (rates or {}).items():
+        if not (0.0 <= float(rate) < 1.0):
+            raise ValueError(f"dropout rate of {target!r} must be in [0, 1), got {rate!r}")
+    inj = Injection(p, generator, kind, only, rates)
     for name, module in vision.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) and kind != "seed002":
             module.forward = _mha_forward(inj, module, name)
             inj._patched.append(module)
             inj.targets.extend(_mha_in_targets(module, name))
@@ -419,8 +467,10 @@ def inject_dropout(
             inj._patched.append(module)
             inj.targets.append(name)
     inj.calls = dict.fromkeys(inj.targets, 0)
-    if only is not None:
-        unknown = sorted(set(only) - set(inj.targets))
+    for selected in (only, rates):
+        if selected is None:
+            continue
+        unknown = sorted(set(selected) - set(inj.targets))
         if unknown:
             inj.remove()
             raise ValueError(f"unknown injection targets {unknown}; targets are {inj.targets}")
@@ -519,6 +569,7 @@ def run_trial(
     progress: bool = True,
     on_pass: Callable[[int, int, torch.Tensor], None] | None = None,
     depthwise: bool = False,
+    rates: Mapping[str, float] | None = None,
 ) -> TrialResult:
     """One MC-dropout trial: T_max passes per batch, trace snapshots at every T in ``T_list``.
 
@@ -547,7 +598,7 @@ def run_trial(
     total = None if n_batches is None else n_batches * t_max
     bar = tqdm(total=total, disable=not progress, unit="pass", desc=f"{encoder.name} p={p} trial {trial}")
     batch_size = 0
-    with inject_dropout(encoder.vision, p, generator, kind, depthwise=depthwise) as inj:
+    with inject_dropout(encoder.vision, p, generator, kind, depthwise=depthwise, rates=rates) as inj:
         n_sites = len(inj.targets)
         for b, (batch_ids, pixels) in enumerate(batches):
             x = encoder.prepare(pixels)

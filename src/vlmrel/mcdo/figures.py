@@ -287,6 +287,17 @@ def rank_stability_heatmap(result: Mapping[str, Any], path: _PathLike, model: st
     save_figure(fig, path, dpi)
 
 
+def model_matrix_heatmaps(result: Mapping[str, Any], path: _PathLike, dpi: int = 120) -> None:
+    """exp4_full: one heatmap per recipe of the Spearman between models' trial-mean scores."""
+    recipes = list(result["recipes"])
+    fig, axes = plt.subplots(1, len(recipes), figsize=(5.2 * len(recipes), 4.6), constrained_layout=True)
+    for ax, recipe in zip(np.atleast_1d(axes), recipes, strict=True):
+        _heatmap(ax, result["recipes"][recipe]["spearman_matrix"], result["models"])
+        ax.set_title(f"{recipe} (trial mean)", fontsize=10)
+    fig.suptitle(f"model matrix: Spearman between models (N={result['n_images']})", fontsize=10)
+    save_figure(fig, path, dpi)
+
+
 def dropout_types_figure(result: Mapping[str, Any], path: _PathLike, model: str, dpi: int = 120) -> None:
     """exp3: reliability (Spearman, ICC, SNR) per dropout type and rank agreement between types."""
     types = result["types"]
@@ -348,4 +359,72 @@ def skipped_figure(title: str, reason: str, path: _PathLike, dpi: int = 120) -> 
     ax.text(
         0.5, 0.5, f"{title}: skipped\n\n" + textwrap.fill(reason, 70), ha="center", va="center", fontsize=10
     )
+    save_figure(fig, path, dpi)
+
+
+# --------------------------------------------------------------------------- Phase 4: exp10, exp11
+
+
+def text_dropout_figure(
+    styles: Sequence[str],
+    score: np.ndarray,
+    specificity: np.ndarray,
+    summary: Mapping[str, Any],
+    path: _PathLike,
+    model: str,
+    dpi: int = 120,
+) -> None:
+    """exp10: the text score by prompt style, and against specificity."""
+    order = list(dict.fromkeys(styles))
+    st = np.asarray(styles)
+    s = np.asarray(score, dtype=np.float64)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    data = [_log10(s[st == k]) for k in order]
+    ax1.boxplot(data, showfliers=False)
+    ax1.set_xticks(range(1, len(order) + 1), [f"{k}\n(n={int((st == k).sum())})" for k in order], fontsize=8)
+    ax1.set_ylabel("log10 trace / D (text, pre-norm)")
+    ax1.set_title("score by prompt style", fontsize=10)
+    for k in order:
+        ax2.scatter(specificity[st == k], _log10(s[st == k]), s=10, alpha=0.7, label=k)
+    ax2.set_xlabel("specificity (handcrafted)")
+    ax2.set_ylabel("log10 trace / D")
+    ax2.legend(fontsize=7)
+    ax2.set_title(
+        f"rho(score, -specificity) = {_fmt(summary.get('rho_score_vs_neg_specificity'))}, "
+        f"partial | tokens = {_fmt(summary.get('partial_rho_controlling_tokens'))}",
+        fontsize=9,
+    )
+    fig.suptitle(f"exp10 {model}: text-encoder MC dropout ({summary.get('n_prompts')} prompts)", fontsize=10)
+    save_figure(fig, path, dpi)
+
+
+def rate_search_figure(summary: Mapping[str, Any], path: _PathLike, model: str, dpi: int = 120) -> None:
+    """exp11: candidates' search objectives, chosen vs uniform on both splits, the best rates per group."""
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
+    vals = np.asarray(summary["search_objectives"], dtype=np.float64)
+    colors = ["tab:orange" if i == 0 else "tab:blue" for i in range(vals.size)]
+    colors[summary["chosen"]["candidate"]] = "tab:green"
+    ax1.bar(range(vals.size), vals, color=colors)
+    ax1.set_xlabel("candidate (0 = uniform base p)")
+    ax1.set_ylabel("objective (search split)")
+    ax1.set_title("candidates on the search split (green: chosen)", fontsize=9)
+    labels = ["search", "held-out"]
+    chosen = [summary["chosen"]["search"]["objective"], summary["chosen"]["heldout"]["objective"]]
+    uniform = [summary["uniform"]["search"]["objective"], summary["uniform"]["heldout"]["objective"]]
+    x = np.arange(2)
+    ax2.bar(x - 0.2, chosen, width=0.4, label="chosen", color="tab:green")
+    ax2.bar(x + 0.2, uniform, width=0.4, label="uniform", color="tab:orange")
+    ax2.set_xticks(x, labels)
+    ax2.set_ylabel("objective")
+    ax2.legend(fontsize=8)
+    ax2.set_title(f"search n={summary['n_search']}, held-out n={summary['n_heldout']}", fontsize=9)
+    groups = summary["groups"]
+    ax3.bar(range(len(groups)), [summary["best_rates"][g] for g in groups], color="tab:green", label="chosen")
+    ax3.axhline(summary["uniform"]["rates"][groups[0]], color="tab:orange", ls="--", label="uniform p")
+    ax3.set_yscale("log")
+    ax3.set_xticks(range(len(groups)), groups)
+    ax3.set_ylabel("dropout rate")
+    ax3.legend(fontsize=8)
+    ax3.set_title("chosen rate per layer group", fontsize=9)
+    fig.suptitle(f"exp11 {model}: concrete-dropout proxy (layer-wise rate search)", fontsize=10)
     save_figure(fig, path, dpi)

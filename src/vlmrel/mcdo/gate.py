@@ -13,7 +13,12 @@ Decision tree on exp0's overall summary (:func:`vlmrel.mcdo.reliability.overall_
    are undefined) -> ``inconclusive``: the tree has no branch for it; Phase 2 runs only if forced.
 
 ``force`` (config ``mcdo.gate.force_phase2``) makes ``run_phase2`` true whatever the decision;
-the decision and reasons still say what the evidence was.
+the decision and reasons still say what the evidence was. ``run_phase2`` also lets the later
+phases (Phase 4) into the DAG.
+
+Phase 1's ambiguity experiment (exp5_subset) is recorded as ``checks``: the seed's sanity check
+(section 6: ``rho_uncertainty_vs_entropy > 0.3`` and ``auroc_high_entropy > 0.6``) per model. A
+check is reported, never a blocker: it does not change the decision.
 """
 
 from __future__ import annotations
@@ -44,16 +49,44 @@ def _where(model: Mapping[str, Any]) -> str:
     return f" (T={at.get('T')}, {at.get('space')}-normalisation)" if at else ""
 
 
+def sanity_checks(ambiguity_overall: Mapping[str, Any]) -> dict[str, Any]:
+    """The seed's exp5 sanity check of each model of an ambiguity overall summary (not a blocker)."""
+    from vlmrel.mcdo.ambiguity import SANITY
+
+    models: dict[str, Any] = {}
+    for m, v in sorted(ambiguity_overall.get("models", {}).items()):
+        if v.get("skipped"):
+            models[m] = {"skipped": True, "reason": v.get("reason", "")}
+            continue
+        entry: dict[str, Any] = {"skipped": False}
+        for key, threshold in SANITY.items():
+            value = v.get(key)
+            ok = value is not None and math.isfinite(float(value)) and float(value) > threshold
+            entry[key] = value
+            entry[f"{key}_ok"] = bool(ok)
+        entry["ok"] = all(entry[f"{k}_ok"] for k in SANITY)
+        models[m] = entry
+    return {
+        "blocking": False,
+        "thresholds": {k: f"> {t}" for k, t in SANITY.items()},
+        "models": models,
+        "any_ok": any(e.get("ok") for e in models.values()),
+    }
+
+
 def decide_gate(
     overall_summary: Mapping[str, Any],
     force: bool = False,
     sweep_summary: Mapping[str, Any] | None = None,
+    checks: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The gate decision (module docstring) as a JSON-ready dict for ``gate.json``.
 
     Keys: ``decision``, ``run_phase2``, ``forced``, ``reasons`` (sentences), ``best_status``,
     ``usable_models``, ``marginal_models``, ``all_failed_at_T_max``, ``judgment_call``,
-    ``sweep`` (the sweep's verdict or None) and ``models`` (each model's statuses).
+    ``sweep`` (the sweep's verdict or None), ``models`` (each model's statuses) and ``checks``
+    (the sanity checks of the ambiguity overall summaries in ``checks``, keyed by experiment; they
+    never change the decision).
     """
     _check(overall_summary, "gate input")
     models = overall_summary["models"]
@@ -103,6 +136,13 @@ def decide_gate(
     run_phase2 = decision == "proceed" or bool(force)
     if force and decision != "proceed":
         reasons.append("Phase 2 forced by config (mcdo.gate.force_phase2)")
+    recorded = {str(c.get("experiment", f"check{i}")): sanity_checks(c) for i, c in enumerate(checks)}
+    for exp, check in recorded.items():
+        verdict = "passed" if check["any_ok"] else "not passed"
+        reasons.append(
+            f"{exp} sanity check (rho with entropy > 0.3, AUROC for high entropy > 0.6) {verdict} "
+            "(a check, not a blocker)"
+        )
     return {
         "decision": decision,
         "run_phase2": run_phase2,
@@ -114,6 +154,7 @@ def decide_gate(
         "marginal_models": marginal,
         "all_failed_at_T_max": bool(overall_summary["all_failed_at_T_max"]),
         "sweep": sweep_info,
+        "checks": recorded,
         "models": {
             m: {
                 "best_status": v["best_status"],

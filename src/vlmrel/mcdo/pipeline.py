@@ -81,6 +81,138 @@ def trial(
     log.info("%s trial %s of %s: %d images, T=%s", exp, k, model, len(result.image_id), result.T)
 
 
+# ---- Phase 4: exp10's text trials and exp11's rate search ------------------------------------------
+
+
+def text_trial(
+    out: PathLike,
+    *,
+    exp: str,
+    model: str,
+    kind: str,
+    p: float,
+    k: int,
+    seed: int,
+    T: Sequence[int],
+    precision: str,
+    batch_size: int,
+    device: str,
+    num_prompts: int,
+    class_names: str | Sequence[str],
+    prompt_file: PathLike | None,
+) -> None:
+    """exp10, one trial: max(T) passes of the text tower (dropout on its linear maps only) over the
+    seeded prompt sample; per prompt the trace / D of the pre-normalisation text features."""
+    from vlmrel.mcdo import text
+    from vlmrel.mcdo.ambiguity import load_class_names
+    from vlmrel.mcdo.dropout import versions
+    from vlmrel.models import load_encoder
+
+    pairs = text.sample_prompts(load_class_names(class_names), int(num_prompts), seed, prompt_file)
+    styles, prompts = [s for s, _ in pairs], [q for _, q in pairs]
+    encoder = load_encoder(model, device=device, precision=precision)
+    trace = text.text_trial(
+        encoder, prompts, p=float(p), seed=seed, trial=int(k), T=max(T), kind=kind, batch_size=batch_size
+    )
+    meta = {
+        "experiment": exp,
+        "model": model,
+        "p": float(p),
+        "seed": seed,
+        "trial": int(k),
+        "kind": kind,
+        "T": max(T),
+        "precision": precision,
+        "tower": "text",
+        "versions": versions(),
+    }
+    text.save_text_trial(out, styles, prompts, trace, meta)
+    log.info("%s text trial %s of %s: %d prompts, T=%d", exp, k, model, len(prompts), max(T))
+
+
+def zero_shot_quantities(
+    encoder: Any, pixels_h5: PathLike, n: int, class_names: str | Sequence[str], batch_size: int
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Deterministic (dropout off) zero-shot margin, entropy and prompt sensitivity of the first n images."""
+    import torch
+
+    from vlmrel.mcdo import ambiguity as amb
+    from vlmrel.pixels import iter_batches
+
+    names = amb.load_class_names(class_names)
+    txt, reason = amb.text_features_or_reason(
+        encoder.encode_text, amb.make_prompts(names, amb.DEFAULT_TEMPLATE)
+    )
+    if txt is None:
+        raise ValueError(f"model {encoder.name!r}: {reason}")
+    feats, ids = [], []
+    with torch.inference_mode():
+        for batch_ids, pixels in iter_batches(pixels_h5, batch_size, indices=range(n)):
+            feats.append(encoder.encode_image(pixels).float().cpu().numpy())
+            ids.extend(batch_ids)
+    img = np.concatenate(feats)
+    kind = "sigmoid" if encoder.logit_bias is not None else "softmax"
+    probs = amb.zero_shot_probs(img, txt, encoder.logit_scale, encoder.logit_bias, kind=kind)
+    sens = amb.prompt_sensitivity(
+        amb.template_max_probs(img, encoder.encode_text, names, encoder.logit_scale, encoder.logit_bias)
+    )
+    return ids, {"margin": amb.margin(probs), "entropy": amb.entropy(probs), "prompt_sensitivity": sens}
+
+
+def rate_search(
+    pixels_h5: PathLike,
+    out: PathLike,
+    *,
+    exp: str,
+    model: str,
+    kind: str,
+    p: float,
+    seed: int,
+    T: Sequence[int],
+    trials: int,
+    precision: str,
+    batch_size: int,
+    num_images: int | None,
+    device: str,
+    class_names: str | Sequence[str],
+    groups: int,
+    candidates: int,
+    rate_range: Sequence[float],
+    search_fraction: float,
+) -> None:
+    """exp11: every candidate rate vector's K trials of max(T) passes, and the zero-shot quantities of
+    the objective, in one .npz (the summary chooses on the search split, reports on the held-out one)."""
+    from vlmrel.mcdo import concrete
+    from vlmrel.mcdo.dropout import versions
+    from vlmrel.models import load_encoder
+    from vlmrel.pixels import iter_batches, read_pixel_meta
+
+    n_total = read_pixel_meta(pixels_h5)["n_images"]
+    n = n_total if num_images is None else min(num_images, n_total)
+    encoder = load_encoder(model, device=device, precision=precision)
+    ids, zero_shot = zero_shot_quantities(encoder, pixels_h5, n, class_names, batch_size)
+    arrays = concrete.run_search(
+        encoder,
+        lambda: iter_batches(pixels_h5, batch_size, indices=range(n)),
+        zero_shot=zero_shot,
+        p=float(p),
+        seed=seed,
+        trials=int(trials),
+        T=max(T),
+        kind=kind,
+        n_groups=int(groups),
+        n_candidates=int(candidates),
+        rate_range=rate_range,
+        search_fraction=float(search_fraction),
+    )
+    if [str(i) for i in arrays["image_id"]] != ids:
+        raise ValueError(f"{pixels_h5}: image order differs between the zero-shot pass and the trials")
+    meta = {"experiment": exp, "model": model, "p": float(p), "seed": seed, "kind": kind, "T": max(T),
+            "trials": int(trials), "precision": precision, "versions": versions()}  # fmt: skip
+    concrete.save_arrays(out, arrays, meta)
+    log.info("%s %s: %d candidates x %d trials on %d images", exp, model, arrays["rates"].shape[0], trials, n)
+
+
 # ---- summaries -----------------------------------------------------------------------------------
 
 
@@ -113,7 +245,17 @@ def reliability_overall(summary_paths: Sequence[PathLike], out: PathLike) -> dic
 def experiment_summary(exp: str, model: str, arms: Sequence[ArmRuns], out: PathLike) -> dict[str, Any]:
     """The summary of one (experiment, model): the registry entry's analysis on its arms."""
     result = EXPERIMENTS[exp].analysis(arms)
-    summary = {**result, "experiment": exp, "model": model, "score": f"trace_{SCORE_SPACE} at max T"}
+    summary = {"score": f"trace_{SCORE_SPACE} at max T", **result, "experiment": exp, "model": model}
+    write_json(out, summary)
+    return summary
+
+
+def experiment_overall(
+    exp: str, runs_by_model: Mapping[str, Sequence[PathLike]], out: PathLike
+) -> dict[str, Any]:
+    """The summary over models of one experiment: the registry entry's ``overall`` analysis."""
+    result = EXPERIMENTS[exp].overall(runs_by_model)
+    summary = {**result, "experiment": exp}
     write_json(out, summary)
     return summary
 
@@ -173,12 +315,17 @@ def ambiguity(
     device: str,
     summary_path: PathLike,
     per_image_path: PathLike,
+    manifest: PathLike | None = None,
+    class_map: PathLike | None = None,
 ) -> dict[str, Any]:
     """exp5 for one model: class probabilities (deterministic, no dropout) against the MC-dropout
     uncertainty of its trials. A classifier (``effnet_lite0``) uses its own head: softmax of its
-    ImageNet logits, prompt-free (``class_names`` and ``prompt_template`` do not apply). A CLIP /
-    SigLIP model uses zero-shot probabilities from its own text tower. A model without either is
-    recorded as skipped with the reason, and its per-image table is left empty."""
+    ImageNet logits, prompt-free (``class_names``, ``prompt_template`` and the prompt sensitivity do
+    not apply). A CLIP / SigLIP model uses zero-shot probabilities from its own text tower, and the
+    prompt sensitivity (variance of the top-1 probability across :data:`SENSITIVITY_TEMPLATES`).
+    With the ``manifest``, images in class folders (ImageNet WordNet ids mapped to names) get their
+    true class and the summary a top-1 accuracy. A model without either is recorded as skipped with
+    the reason, and its per-image table is left empty."""
     import pandas as pd
     import torch
 
@@ -208,9 +355,7 @@ def ambiguity(
     if txt is None:
         summary = {"model": model, **amb.skipped(reason)}
         with atomic_path(per_image_path) as tmp:
-            pd.DataFrame(columns=["image_id", "uncertainty", "entropy", "margin", "top1", "p_top1"]).to_csv(
-                tmp, sep="\t", index=False
-            )
+            pd.DataFrame(columns=list(amb.PER_IMAGE_COLUMNS)).to_csv(tmp, sep="\t", index=False)
         write_json(summary_path, summary)
         return summary
     feats, seen = [], []
@@ -220,15 +365,37 @@ def ambiguity(
             seen.extend(batch_ids)
     if seen != image_id:
         raise ValueError(f"{pixels_h5}: image order differs from the trials of {model}")
+    img = np.concatenate(feats)
     probs = amb.zero_shot_probs(
-        np.concatenate(feats),
+        img,
         txt,
         encoder.logit_scale,
         encoder.logit_bias,
         kind="sigmoid" if encoder.logit_bias is not None else "softmax",
     )
+    sens = amb.prompt_sensitivity(
+        amb.template_max_probs(img, encoder.encode_text, names, encoder.logit_scale, encoder.logit_bias)
+    )
     u = {space: s.mean(axis=0) for space, s in scores.items()}
-    stats = {space: amb.ambiguity_stats(u[space], probs, high_entropy_quantile) for space in u}
+    stats = {
+        space: {
+            **amb.ambiguity_stats(u[space], probs, high_entropy_quantile),
+            **amb.sensitivity_stats(u[space], sens),
+        }
+        for space in u
+    }
+    true_class = None
+    labels: dict[str, Any] = {"n_labelled": 0, "top1_accuracy": None}
+    if manifest is not None:
+        from vlmrel.images import read_manifest
+        from vlmrel.mcdo.imagenet import folder_labels
+
+        rel = dict(zip(*(read_manifest(manifest)[c] for c in ("image_id", "rel_path")), strict=True))
+        true_class, label = folder_labels([rel.get(i, "") for i in image_id], names, class_map)
+        known = np.asarray(label) >= 0
+        if known.any():
+            hit = probs.argmax(axis=1)[known] == np.asarray(label)[known]
+            labels = {"n_labelled": int(known.sum()), "top1_accuracy": float(hit.mean())}
     summary = {
         "model": model,
         "skipped": False,
@@ -237,9 +404,12 @@ def ambiguity(
         "classes": names,
         "prompt_template": prompt_template,
         **stats[SCORE_SPACE],
+        **labels,
         "by_space": stats,
     }
-    amb.save_per_image(per_image_path, image_id, u[SCORE_SPACE], probs, names)
+    amb.save_per_image(
+        per_image_path, image_id, u[SCORE_SPACE], probs, names, prompt_sensitivity=sens, true_class=true_class
+    )
     write_json(summary_path, summary)
     return summary
 
@@ -305,13 +475,20 @@ def ambiguity_overall(
 
 
 def gate(
-    overall_path: PathLike, out_path: PathLike, *, force: bool, sweep_path: PathLike | None = None
+    overall_path: PathLike,
+    out_path: PathLike,
+    *,
+    force: bool,
+    sweep_path: PathLike | None = None,
+    check_paths: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
-    """gate.json (or gate_after_sweep.json when the sweep's overall summary is given)."""
+    """gate.json (or gate_after_sweep.json when the sweep's overall summary is given); the ambiguity
+    overall summaries in ``check_paths`` are recorded as sanity checks, not blockers."""
     from vlmrel.mcdo.gate import decide_gate
 
     sweep = read_json(sweep_path) if sweep_path else None
-    decision = decide_gate(read_json(overall_path), force=force, sweep_summary=sweep)
+    checks = [read_json(p) for p in check_paths]
+    decision = decide_gate(read_json(overall_path), force=force, sweep_summary=sweep, checks=checks)
     write_json(out_path, decision)
     log.info("gate: %s (run Phase 2: %s)", decision["decision"], decision["run_phase2"])
     return decision
@@ -361,6 +538,11 @@ def experiment_figure(
 ) -> None:
     """The figure of one (experiment, model): the registry entry's plot function."""
     EXPERIMENTS[exp].plot(read_json(summary), arms, out, model, dpi)
+
+
+def overall_figure(exp: str, summary: PathLike, out: PathLike, *, dpi: int) -> None:
+    """The figure over models of one experiment: the registry entry's ``overall_plot``."""
+    EXPERIMENTS[exp].overall_plot(read_json(summary), out, dpi)
 
 
 def ambiguity_figure(

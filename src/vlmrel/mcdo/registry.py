@@ -6,10 +6,12 @@ An entry says:
 
 - ``name``: the experiment and its config section (``mcdo.<name>``) and output folder
   (``results/{run}/mcdo/<name>/``);
-- ``phase``: 1 (before the gate), 2 (after it, or forced), or ``"sweep"`` (the convergence sweep,
-  run when the gate asks for it);
-- ``job``: what each MC-dropout job writes: ``"trials"`` (``trial{k}.npz``, the traces at every T)
-  or ``"geometry"`` (``geometry{k}.npz``, the per-image covariance geometry of the same passes);
+- ``phase``: 1 (before the gate), 2 or 4 (after it, or forced: :data:`GATED_PHASES`), or
+  ``"sweep"`` (the convergence sweep, run when the gate asks for it);
+- ``job``: what each MC-dropout job writes: ``"trials"`` (``trial{k}.npz``, the traces at every T),
+  ``"geometry"`` (``geometry{k}.npz``, the per-image covariance geometry of the same passes),
+  ``"text"`` (``text{k}.npz``: dropout in the text tower, a trace per prompt; exp10) or ``"search"``
+  (``search0.npz``: a layer-wise rate search, every candidate's K trials; exp11);
 - ``summary``: how a model's files become ``summary.json``: ``"reliability"`` (reliability across
   trials at every T, then an overall summary over models: exp0 and the sweep), ``"ambiguity"``
   (the model's zero-shot ambiguity against its uncertainty, then an overall summary), or
@@ -37,8 +39,10 @@ from typing import Any
 
 from vlmrel.mcdo import analyses
 
-PHASES = (1, 2, "sweep")
-JOBS = ("trials", "geometry")
+PHASES = (1, 2, 4, "sweep")
+#: the phases after the gate: they run when the gate says proceed, or when forced (mcdo.gate.force_phase2)
+GATED_PHASES = tuple(p for p in PHASES if isinstance(p, int) and p >= 2)
+JOBS = ("trials", "geometry", "text", "search")
 SUMMARIES = ("reliability", "ambiguity", "analysis")
 FIGURES = ("reliability", "knee", "geometry", "ambiguity", "experiment")
 #: mcdo config keys that are settings, not experiments
@@ -103,6 +107,9 @@ class Experiment:
     pixels: str = "natural"
     analysis: Callable[..., dict[str, Any]] | None = None
     plot: Callable[..., None] | None = None
+    overall: Callable[..., dict[str, Any]] | None = None
+    overall_plot: Callable[..., None] | None = None
+    overall_caption: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,15 +124,29 @@ class Experiment:
                 raise ValueError(f"experiment {self.name!r}: {attr} must be one of {allowed}")
         if self.summary == "analysis" and self.analysis is None:
             raise ValueError(f"experiment {self.name!r}: summary 'analysis' needs an analysis function")
+        if self.overall is not None and (self.overall_plot is None or self.overall_caption is None):
+            raise ValueError(
+                f"experiment {self.name!r}: an overall analysis needs overall_plot and overall_caption"
+            )
         if self.figure == "experiment" and (self.plot is None or self.caption is None):
             raise ValueError(
                 f"experiment {self.name!r}: figure 'experiment' needs a plot function and a caption"
             )
 
     @property
+    def has_overall(self) -> bool:
+        """Whether the entry has an analysis over its models (``{exp}_overall_summary.json`` and a
+        ``{exp}_matrix.png`` figure)."""
+        return self.overall is not None
+
+    @property
     def stem(self) -> str:
-        """The MC-dropout job's file stem: 'trial' or 'geometry'."""
-        return "geometry" if self.job == "geometry" else "trial"
+        """The MC-dropout job's file stem: 'trial', 'geometry', 'text' or 'search'."""
+        return {"trials": "trial"}.get(self.job, self.job)
+
+    def n_files(self, exp_cfg: Mapping[str, Any]) -> int:
+        """Files per arm: one per trial, or one (``search``: the job runs the K trials of every candidate)."""
+        return 1 if self.job == "search" else int(exp_cfg["trials"])
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -251,6 +272,9 @@ register(
         description="recipe validation over the full model matrix, Phase 2",
         analysis=analyses.recipe_summary,
         plot=analyses.recipe_figure,
+        overall=analyses.model_matrix_summary,
+        overall_plot=analyses.model_matrix_figure,
+        overall_caption="mcdo/model_matrix.rst",
     )
 )
 register(
@@ -261,6 +285,35 @@ register(
         summary="ambiguity",
         figure="ambiguity",
         description="ambiguity prediction at scale, Phase 2",
+    )
+)
+
+
+# Phase 4 (seed 002, section 10)
+register(
+    Experiment(
+        name="exp10",
+        phase=4,
+        job="text",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/text.rst",
+        description="text-encoder MC dropout: do general prompts get a higher variance?",
+        analysis=analyses.text_summary,
+        plot=analyses.text_figure,
+    )
+)
+register(
+    Experiment(
+        name="exp11",
+        phase=4,
+        job="search",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/concrete.rst",
+        description="concrete-dropout proxy: a layer-wise dropout-rate search, chosen on one split, reported on another",
+        analysis=analyses.search_summary,
+        plot=analyses.search_figure,
     )
 )
 
@@ -297,6 +350,8 @@ def outputs(results: str, exp: Experiment, models: Sequence[str]) -> list[str]:
     elif exp.summary == "ambiguity":
         out.append(f"{results}/mcdo/{exp.name}/{exp.name}_overall_summary.json")
     fig = f"{results}/figures/mcdo/{exp.name}"
+    if exp.has_overall:
+        out += [f"{results}/mcdo/{exp.name}/{exp.name}_overall_summary.json", f"{fig}_matrix.png"]
     if exp.figure == "reliability":
         out.append(f"{fig}_scores.png")
         out += [f"{fig}_reliability_{m}.png" for m in models]
