@@ -47,10 +47,16 @@ rule phase2:
         phase2_targets,
 
 
+rule phase3:
+    input:
+        phase3_targets,
+
+
 rule mcdo:
     input:
         phase1_targets(),
         phase2_targets,
+        phase3_targets,
 
 
 rule anomaly:

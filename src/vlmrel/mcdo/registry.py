@@ -6,23 +6,31 @@ An entry says:
 
 - ``name``: the experiment and its config section (``mcdo.<name>``) and output folder
   (``results/{run}/mcdo/<name>/``);
-- ``phase``: 1 (before the gate), 2 (after it, or forced), or ``"sweep"`` (the convergence sweep,
-  run when the gate asks for it);
-- ``job``: what each MC-dropout job writes: ``"trials"`` (``trial{k}.npz``, the traces at every T)
-  or ``"geometry"`` (``geometry{k}.npz``, the per-image covariance geometry of the same passes);
+- ``phase``: 1 (before the gate), 2 (after it, or forced), 3 (after it, or forced by its own flag),
+  or ``"sweep"`` (the convergence sweep, run when the gate asks for it);
+- ``job``: what each MC-dropout job writes: ``"trials"`` (``trial{k}.npz``, the traces at every T),
+  ``"geometry"`` (``geometry{k}.npz``, the per-image covariance geometry of the same passes) or
+  ``"semantic"`` (``semantic{k}.npz``, the per-image semantic decomposition of the passes, exp8);
+  ``"mot"`` is no MC-dropout job at all but the tracking association of exp9 (one per experiment,
+  no models);
+- ``scores``: ``None``, or a per-model job with the model's deterministic features whose file
+  ``{exp}/{model}/{scores}.npz`` the analysis and figure also receive (``"laplace"``: exp6's ridge
+  leverage and last-layer Laplace; ``"aleatoric"``: exp7's degraded versions);
 - ``summary``: how a model's files become ``summary.json``: ``"reliability"`` (reliability across
   trials at every T, then an overall summary over models: exp0 and the sweep), ``"ambiguity"``
   (the model's zero-shot ambiguity against its uncertainty, then an overall summary), or
-  ``"analysis"`` (the entry's ``analysis`` function on its arms);
+  ``"analysis"`` (the entry's ``analysis`` function on its arms, and on its ``scores`` file when it
+  has one), or ``"mot"`` (exp9's tracking association);
 - ``figure``: the figure kind (``"reliability"``, ``"knee"`` (reliability against T with the sweep's
   knee), ``"geometry"``,
-  ``"ambiguity"`` or ``"experiment"``, the last drawn by the entry's ``plot`` function);
+  ``"ambiguity"``, ``"mot"`` or ``"experiment"``, the last drawn by the entry's ``plot`` function);
 - ``caption``: for ``"experiment"`` figures, the caption text's file under ``report/`` (the other
   figure kinds have one rule, and one caption, each);
 - ``arms``: the explicit records of what varies inside the experiment (:class:`Arm`: dropout kind,
   rate, replicate), so that analyses receive the rates and kinds as values, never parsed back
   out of paths;
-- ``pixels``: ``"natural"`` or ``"synthetic"`` (exp2's natural + generated images).
+- ``pixels``: ``"natural"``, ``"synthetic"`` (exp2's natural + generated images) or ``"ablation"``
+  (exp7's natural images + their degraded versions, ids ``<image_id>__<degradation>``).
 
 Adding an experiment is an entry here, its analysis (and figure) function in
 :mod:`vlmrel.mcdo.analyses`, its caption and its config section; ``docs/architecture.md`` walks
@@ -37,10 +45,12 @@ from typing import Any
 
 from vlmrel.mcdo import analyses
 
-PHASES = (1, 2, "sweep")
-JOBS = ("trials", "geometry")
-SUMMARIES = ("reliability", "ambiguity", "analysis")
-FIGURES = ("reliability", "knee", "geometry", "ambiguity", "experiment")
+PHASES = (1, 2, 3, "sweep")
+JOBS = ("trials", "geometry", "semantic", "mot")
+SCORES = (None, "laplace", "aleatoric")
+PIXELS = ("natural", "synthetic", "ablation")
+SUMMARIES = ("reliability", "ambiguity", "analysis", "mot")
+FIGURES = ("reliability", "knee", "geometry", "ambiguity", "experiment", "mot")
 #: mcdo config keys that are settings, not experiments
 SETTINGS = ("seed", "precision", "batch_size", "dropout_kind", "mem_mb", "gate")
 
@@ -101,6 +111,7 @@ class Experiment:
     caption: str | None = None
     arms: Callable[[Mapping[str, Any], Mapping[str, Any]], list[Arm]] = single_arm
     pixels: str = "natural"
+    scores: str | None = None
     analysis: Callable[..., dict[str, Any]] | None = None
     plot: Callable[..., None] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -111,12 +122,15 @@ class Experiment:
             ("job", JOBS),
             ("summary", SUMMARIES),
             ("figure", FIGURES),
-            ("pixels", ("natural", "synthetic")),
+            ("pixels", PIXELS),
+            ("scores", SCORES),
         ):
             if getattr(self, attr) not in allowed:
                 raise ValueError(f"experiment {self.name!r}: {attr} must be one of {allowed}")
         if self.summary == "analysis" and self.analysis is None:
             raise ValueError(f"experiment {self.name!r}: summary 'analysis' needs an analysis function")
+        if (self.job == "mot") != (self.summary == "mot") or (self.job == "mot") != (self.figure == "mot"):
+            raise ValueError(f"experiment {self.name!r}: job, summary and figure 'mot' go together")
         if self.figure == "experiment" and (self.plot is None or self.caption is None):
             raise ValueError(
                 f"experiment {self.name!r}: figure 'experiment' needs a plot function and a caption"
@@ -124,8 +138,8 @@ class Experiment:
 
     @property
     def stem(self) -> str:
-        """The MC-dropout job's file stem: 'trial' or 'geometry'."""
-        return "geometry" if self.job == "geometry" else "trial"
+        """The MC-dropout job's file stem: 'trial', 'geometry' or 'semantic'."""
+        return self.job if self.job in ("geometry", "semantic") else "trial"
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -264,6 +278,59 @@ register(
     )
 )
 
+register(
+    Experiment(
+        name="exp6",
+        phase=3,
+        job="trials",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/laplace.rst",
+        description="MC dropout vs ridge leverage vs a last-layer Laplace as predictors of ambiguity",
+        scores="laplace",
+        analysis=analyses.laplace_summary,
+        plot=analyses.laplace_figure,
+    )
+)
+register(
+    Experiment(
+        name="exp7",
+        phase=3,
+        job="trials",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/aleatoric.rst",
+        description="aleatoric (degraded versions) vs epistemic (MC dropout) uncertainty, degradation ablation",
+        pixels="ablation",
+        scores="aleatoric",
+        analysis=analyses.aleatoric_summary,
+        plot=analyses.aleatoric_figure,
+    )
+)
+register(
+    Experiment(
+        name="exp8",
+        phase=3,
+        job="semantic",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/semantic.rst",
+        description="semantic space: the MC-dropout variance along and across the directions of text prompts",
+        analysis=analyses.semantic_summary,
+        plot=analyses.semantic_figure,
+    )
+)
+register(
+    Experiment(
+        name="exp9",
+        phase=3,
+        job="mot",
+        summary="mot",
+        figure="mot",
+        description="uncertainty-adaptive MOT association (motmetrics on a cost JSON)",
+    )
+)
+
 
 # ---- what the rules ask of the registry ----------------------------------------------------------
 
@@ -291,6 +358,12 @@ def arm_files(results: str, exp: str, model: str, arm: Arm, stem: str, trials: i
 
 def outputs(results: str, exp: Experiment, models: Sequence[str]) -> list[str]:
     """The files that complete one experiment: per-model summaries, overall summary and figures."""
+    if exp.job == "mot":  # no models: one association study per experiment
+        return [
+            f"{results}/mcdo/{exp.name}/summary.json",
+            f"{results}/mcdo/{exp.name}/per_frame.npz",
+            f"{results}/figures/mcdo/{exp.name}.png",
+        ]
     out = [f"{results}/mcdo/{exp.name}/{m}/summary.json" for m in models]
     if exp.summary == "reliability":
         out.append(f"{results}/mcdo/{exp.name}/overall_summary.json")
