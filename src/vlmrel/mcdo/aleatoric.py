@@ -194,7 +194,6 @@ def score_job(
     n = len(ids) if num_images is None else min(num_images, len(ids))
     ids = ids[:n]
     encoder = load_encoder(model, device=device, precision=precision)
-    feats = np.empty((n, len(versions), 0))
     chunks = []
     batch: list[np.ndarray] = []
 
@@ -343,6 +342,7 @@ def aleatoric_figure(
     axes[0].set_xlabel("epistemic: MC trace/D (clean)")
     axes[0].set_ylabel("aleatoric: variance across versions")
     axes[0].set_title(f"ρ = {summary['rho_aleatoric_vs_epistemic']:.2f}")
+    axes[0].ticklabel_format(axis="both", style="sci", scilimits=(0, 0))
     vt = summary.get("vs_targets")
     if vt:
         keys = [
@@ -367,9 +367,19 @@ def aleatoric_figure(
     axes[2].set_ylabel("MC trace/D (mean ± s.e.)")
     axes[2].legend()
     abl = summary["ablation"]
-    axes[2].set_title(
-        "; ".join(f"{v}: {a['pct_rose']:.0f}% rose, p={a['wilcoxon_p_greater']:.2g}" for v, a in abl.items()),
+    axes[2].text(
+        0.02,
+        0.98,
+        "\n".join(
+            f"{v}: {a['pct_rose']:.0f}% rose, Wilcoxon p={a['wilcoxon_p_greater']:.2g}"
+            for v, a in abl.items()
+        ),
+        transform=axes[2].transAxes,
+        va="top",
         fontsize=7,
     )
-    fig.suptitle(f"exp7 {model}: aleatoric vs epistemic (n={summary['n_images']}, K={summary['n_trials']})")
+    axes[2].set_title("degradation ablation")
+    fig.suptitle(
+        f"exp7 {model}: aleatoric vs epistemic (n={summary['n_images']}, K={summary['n_trials']})", y=1.03
+    )
     save_figure(fig, out, dpi=dpi)

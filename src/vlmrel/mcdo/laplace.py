@@ -147,8 +147,9 @@ def last_layer_laplace(
     la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx=link_approx)
     xs = torch.as_tensor(np.asarray(X_score), dtype=torch.float64)
     probs = []
-    for s in range(0, xs.shape[0], batch_size):
-        p = la(xs[s : s + batch_size], pred_type="glm", link_approx=link_approx, n_samples=n_samples)
+    step = max(1, min(batch_size, 2**25 // (c * c)))  # the GLM predictive holds a [B, C, C] covariance
+    for s in range(0, xs.shape[0], step):
+        p = la(xs[s : s + step], pred_type="glm", link_approx=link_approx, n_samples=n_samples)
         probs.append(p.detach().double().cpu().numpy())
     p = np.concatenate(probs) if probs else np.empty((0, c))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -333,9 +334,9 @@ def laplace_figure(
     methods = summary["methods"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     keys = [
-        ("rho_neg_margin", "ρ vs −margin"),
-        ("rho_entropy", "ρ vs entropy"),
-        ("rho_prompt_sensitivity", "ρ vs prompt sens."),
+        ("rho_neg_margin", "−margin"),
+        ("rho_entropy", "entropy"),
+        ("rho_prompt_sensitivity", "prompt sens."),
     ]
     xs = np.arange(len(keys))
     for j, m in enumerate(METHODS):
@@ -351,13 +352,19 @@ def laplace_figure(
     axes[1].axhline(0.5, color="k", lw=0.5, ls="--")
     axes[1].set_ylim(0, 1)
     axes[1].set_title(f"AUROC (bottom/top {summary['methods']['laplace']['quantile']:.0%})")
-    mcs = mc.mean(axis=0)[scored]
-    axes[2].scatter(mcs, arrays["laplace_entropy"][scored], s=8, label="Laplace entropy")
-    ax2 = axes[2].twinx()
-    ax2.scatter(mcs, arrays["ridge_leverage"][scored], s=8, color="C1", label="ridge leverage")
-    axes[2].set_xlabel("MC dropout trace/D")
-    axes[2].set_ylabel("Laplace predictive entropy")
-    ax2.set_ylabel("ridge leverage")
+    from scipy.stats import rankdata
+
+    mc_rank = rankdata(mc.mean(axis=0)[scored]) / scored.sum()
+    axes[2].scatter(
+        mc_rank, rankdata(arrays["laplace_entropy"][scored]) / scored.sum(), s=10, label="Laplace entropy"
+    )
+    axes[2].scatter(
+        mc_rank, rankdata(arrays["ridge_leverage"][scored]) / scored.sum(), s=10, label="ridge leverage"
+    )
+    axes[2].plot([0, 1], [0, 1], color="k", lw=0.5, ls="--")
+    axes[2].set_xlabel("rank of the MC-dropout trace/D (fraction)")
+    axes[2].set_ylabel("rank of the other score (fraction)")
+    axes[2].legend(fontsize=8)
     rb = summary["rho_between_methods"]
     axes[2].set_title(
         f"ρ(MC, Laplace)={rb.get('mc_dropout_vs_laplace', np.nan):.2f}, "
@@ -365,6 +372,7 @@ def laplace_figure(
         fontsize=9,
     )
     fig.suptitle(
-        f"exp6 {model}: MC dropout vs ridge leverage vs last-layer Laplace (n={summary['n_scored']} scored)"
+        f"exp6 {model}: MC dropout vs ridge leverage vs last-layer Laplace (n={summary['n_scored']} scored)",
+        y=1.03,
     )
     save_figure(fig, out, dpi=dpi)
