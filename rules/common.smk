@@ -201,13 +201,13 @@ def ablation_setting(key):
 
 
 def scores_input(wildcards):
-    """The per-model scores file of an experiment with a scores job (exp6, exp7), else nothing."""
+    """The per-model scores file of an experiment with a scores job (registry `scores`), else nothing."""
     kind = mcdo_registry.EXPERIMENTS[wildcards.exp].scores
     return [f"{RESULTS}/mcdo/{wildcards.exp}/{wildcards.model}/{kind}.npz"] if kind else []
 
 
 def mot_costs(wildcards):
-    """exp9's cost JSON: the user's (config cost_json) or the generated demo sequence."""
+    """The MOT experiment's cost JSON: the user's (config cost_json) or the generated demo sequence."""
     path = MCDO[wildcards.exp].get("cost_json")
     if path:
         if not Path(path).is_file():

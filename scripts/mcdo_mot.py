@@ -1,4 +1,4 @@
-"""exp9: the generated demo cost JSON, the association study, or its figure."""
+"""The MOT association experiment: the generated demo cost JSON, the association study, or its figure."""
 
 from vlmrel.logs import setup_job_log
 from vlmrel.mcdo import mot

@@ -1,5 +1,5 @@
-"""Phase 3's per-model scores from deterministic features: exp6's ridge leverage and last-layer
-Laplace, or exp7's degraded versions (the job kind is the registry entry's `scores`)."""
+"""Phase 3's per-model scores from deterministic features: ridge leverage and last-layer Laplace,
+or the degraded versions' aleatoric variance (the job kind is the registry entry's `scores`)."""
 
 import torch
 
