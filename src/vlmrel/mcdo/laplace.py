@@ -143,11 +143,11 @@ def last_layer_laplace(
     yf = torch.as_tensor(np.asarray(y_fit), dtype=torch.int64)
     torch.manual_seed(seed)
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=hessian_structure)
-    la.fit(DataLoader(TensorDataset(xf, yf), batch_size=batch_size), progress_bar=False)
+    step = max(1, min(batch_size, 2**25 // (c * c)))  # per-sample [C, C] output Hessians / covariances
+    la.fit(DataLoader(TensorDataset(xf, yf), batch_size=step), progress_bar=False)
     la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx=link_approx)
     xs = torch.as_tensor(np.asarray(X_score), dtype=torch.float64)
     probs = []
-    step = max(1, min(batch_size, 2**25 // (c * c)))  # the GLM predictive holds a [B, C, C] covariance
     for s in range(0, xs.shape[0], step):
         p = la(xs[s : s + step], pred_type="glm", link_approx=link_approx, n_samples=n_samples)
         probs.append(p.detach().double().cpu().numpy())
