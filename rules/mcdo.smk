@@ -452,6 +452,7 @@ rule mcdo_laplace:
         fit_fraction=exp_setting("fit_fraction"),
         hessian_structure=exp_setting("hessian_structure"),
         link_approx=exp_setting("link_approx"),
+        n_samples=exp_setting("n_samples"),
         seed=MCDO["seed"],
         precision=MCDO["precision"],
         batch_size=MCDO["batch_size"],

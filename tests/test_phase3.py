@@ -34,7 +34,8 @@ def test_ridge_leverage_is_the_full_quadratic_form():
     assert not np.allclose(score, seed_bug, rtol=1e-3)
 
 
-def test_laplace_entropy_is_lower_on_class_centres_than_between_classes():
+@pytest.mark.parametrize("link_approx", ["probit", "mc"])
+def test_laplace_entropy_is_lower_on_class_centres_than_between_classes(link_approx):
     rng = np.random.default_rng(1)
     d, c, scale = 8, 3, 10.0
     centres = np.eye(d)[:c]
@@ -45,7 +46,13 @@ def test_laplace_entropy_is_lower_on_class_centres_than_between_classes():
         2
     )
     ent, info = laplace.last_layer_laplace(
-        scale * centres, None, fit_x, fit_y, np.concatenate([centres, between]), hessian_structure="kron"
+        scale * centres,
+        None,
+        fit_x,
+        fit_y,
+        np.concatenate([centres, between]),
+        hessian_structure="kron",
+        link_approx=link_approx,
     )
     assert info["prior_precision"] > 0 and info["n_fit"] == c * 30
     assert ent[:c].max() < ent[c:].min(), ent

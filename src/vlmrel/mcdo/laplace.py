@@ -23,8 +23,11 @@ Three per-image uncertainty scores, each judged against exp5's ambiguity targets
   cross-entropy (``hessian_structure``: ``kron`` = KFAC by default, ``full`` or ``diag``), fitted
   on a *fit split* of images with their pseudo-labels; the prior precision is chosen by
   maximising the marginal likelihood. The score is the predictive entropy of the GLM predictive
-  (``link_approx``: ``probit`` by default, or ``mc``) on the *scored* images, which are disjoint
-  from the fit split. The zero-shot weights are not a MAP of the pseudo-labelled likelihood; the
+  (``link_approx: probit``, the GLM predictive with the probit approximation; laplace-torch builds
+  its Jacobians explicitly, [C, C * D] per image, so with 1000 ImageNet classes it does not fit
+  in memory) or of the MC predictive (``link_approx: mc``: ``n_samples`` weight samples of the
+  Kronecker-factored posterior, the same samples for every image) on the *scored* images, which
+  are disjoint from the fit split. The zero-shot weights are not a MAP of the pseudo-labelled likelihood; the
   Laplace approximation is used post hoc around them, as is usual for pretrained heads.
 
 The fit split: the ``ceil(fit_fraction * N)`` images with the smallest uniform draw of a generator
@@ -145,11 +148,29 @@ def last_layer_laplace(
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=hessian_structure)
     step = max(1, min(batch_size, 2**25 // (c * c)))  # per-sample [C, C] output Hessians / covariances
     la.fit(DataLoader(TensorDataset(xf, yf), batch_size=step), progress_bar=False)
-    la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx=link_approx)
+    la.optimize_prior_precision(method="marglik")
     xs = torch.as_tensor(np.asarray(X_score), dtype=torch.float64)
+    n_params = sum(q.numel() for q in model.parameters())
+    if link_approx == "probit":  # the GLM predictive: laplace-torch builds Jacobians [B, C, n_params]
+        per_image = c * n_params * 8
+        if per_image > 2**31:
+            raise ValueError(
+                f"exp6: the probit GLM predictive needs {per_image / 2**30:.0f} GiB per image for "
+                f"{c} classes x {n_params} parameters; use link_approx: mc"
+            )
+        pred, pred_step = (
+            {"pred_type": "glm", "link_approx": "probit"},
+            max(1, min(batch_size, 2**29 // per_image)),
+        )
+    elif link_approx == "mc":  # the MC predictive: n_samples weight samples of the posterior
+        pred, pred_step = {"pred_type": "nn", "link_approx": "mc", "n_samples": n_samples}, batch_size
+    else:
+        raise ValueError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}")
+    gen = torch.Generator().manual_seed(int(seed))
     probs = []
-    for s in range(0, xs.shape[0], step):
-        p = la(xs[s : s + step], pred_type="glm", link_approx=link_approx, n_samples=n_samples)
+    for s in range(0, xs.shape[0], pred_step):
+        gen.manual_seed(int(seed))  # the same weight samples for every batch
+        p = la(xs[s : s + pred_step], generator=gen, **pred)
         probs.append(p.detach().double().cpu().numpy())
     p = np.concatenate(probs) if probs else np.empty((0, c))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -160,7 +181,8 @@ def last_layer_laplace(
         "prior_precision": float(torch.as_tensor(la.prior_precision).double().mean()),
         "log_marginal_likelihood": float(la.log_marginal_likelihood().detach()),
         "n_fit": int(xf.shape[0]),
-        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "n_params": int(n_params),
+        "n_samples": n_samples if link_approx == "mc" else None,
     }
     return ent, info
 
@@ -180,6 +202,7 @@ def score_job(
     fit_fraction: float,
     hessian_structure: str,
     link_approx: str,
+    n_samples: int,
     seed: int,
     precision: str,
     batch_size: int,
@@ -221,6 +244,7 @@ def score_job(
         x[~fit],
         hessian_structure=hessian_structure,
         link_approx=link_approx,
+        n_samples=n_samples,
         seed=seed,
     )
     t_laplace = time.perf_counter() - t0
