@@ -453,6 +453,7 @@ rule mcdo_laplace:
         hessian_structure=exp_setting("hessian_structure"),
         link_approx=exp_setting("link_approx"),
         n_samples=exp_setting("n_samples"),
+        kfac_fisher=exp_setting("kfac_fisher"),
         seed=MCDO["seed"],
         precision=MCDO["precision"],
         batch_size=MCDO["batch_size"],

@@ -20,7 +20,9 @@ Three per-image uncertainty scores, each judged against exp5's ambiguity targets
   L2-normalised image embeddings, with weights ``logit_scale * t_c`` (``t_c`` the unit text
   embedding of class c) and, where the model has one (SigLIP), the logit bias for every class.
   Its posterior is a Laplace approximation around these weights with a GGN Hessian of the softmax
-  cross-entropy (``hessian_structure``: ``kron`` = KFAC by default, ``full`` or ``diag``), fitted
+  cross-entropy (``hessian_structure``: ``kron`` = KFAC by default, ``full`` or ``diag``; with
+  ``kfac_fisher: type2`` the exact GGN factors, which take C backward passes per batch, or with
+  ``mc`` their one-sample Monte Carlo estimate, the Fisher, equal to the GGN in expectation), fitted
   on a *fit split* of images with their pseudo-labels; the prior precision is chosen by
   maximising the marginal likelihood. The score is the predictive entropy of the GLM predictive
   (``link_approx: probit``, the GLM predictive with the probit approximation; laplace-torch builds
@@ -121,6 +123,7 @@ def last_layer_laplace(
     hessian_structure: str = "kron",
     link_approx: str = "probit",
     n_samples: int = 100,
+    kfac_fisher: str = "type2",
     batch_size: int = 256,
     seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -145,7 +148,15 @@ def last_layer_laplace(
     xf = torch.as_tensor(np.asarray(X_fit), dtype=torch.float64)
     yf = torch.as_tensor(np.asarray(y_fit), dtype=torch.int64)
     torch.manual_seed(seed)
-    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=hessian_structure)
+    if kfac_fisher not in ("type2", "mc"):
+        raise ValueError(f"kfac_fisher must be 'type2' or 'mc', got {kfac_fisher!r}")
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=hessian_structure,
+        backend_kwargs={"stochastic": kfac_fisher == "mc"},
+    )
     step = max(1, min(batch_size, 2**25 // (c * c)))  # per-sample [C, C] output Hessians / covariances
     la.fit(DataLoader(TensorDataset(xf, yf), batch_size=step), progress_bar=False)
     la.optimize_prior_precision(method="marglik")
@@ -163,13 +174,17 @@ def last_layer_laplace(
             max(1, min(batch_size, 2**29 // per_image)),
         )
     elif link_approx == "mc":  # the MC predictive: n_samples weight samples of the posterior
-        pred, pred_step = {"pred_type": "nn", "link_approx": "mc", "n_samples": n_samples}, batch_size
+        # one call: the posterior is sampled once (the costly part) and every image sees the same samples
+        pred, pred_step = (
+            {"pred_type": "nn", "link_approx": "mc", "n_samples": n_samples},
+            max(1, xs.shape[0]),
+        )
     else:
         raise ValueError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}")
     gen = torch.Generator().manual_seed(int(seed))
     probs = []
     for s in range(0, xs.shape[0], pred_step):
-        gen.manual_seed(int(seed))  # the same weight samples for every batch
+        gen.manual_seed(int(seed))
         p = la(xs[s : s + pred_step], generator=gen, **pred)
         probs.append(p.detach().double().cpu().numpy())
     p = np.concatenate(probs) if probs else np.empty((0, c))
@@ -183,6 +198,7 @@ def last_layer_laplace(
         "n_fit": int(xf.shape[0]),
         "n_params": int(n_params),
         "n_samples": n_samples if link_approx == "mc" else None,
+        "kfac_fisher": kfac_fisher,
     }
     return ent, info
 
@@ -203,6 +219,7 @@ def score_job(
     hessian_structure: str,
     link_approx: str,
     n_samples: int,
+    kfac_fisher: str,
     seed: int,
     precision: str,
     batch_size: int,
@@ -245,6 +262,7 @@ def score_job(
         hessian_structure=hessian_structure,
         link_approx=link_approx,
         n_samples=n_samples,
+        kfac_fisher=kfac_fisher,
         seed=seed,
     )
     t_laplace = time.perf_counter() - t0
