@@ -94,6 +94,11 @@ rule phase2:
         phase2_targets,
 
 
+rule phase3:
+    input:
+        phase3_targets,
+
+
 rule phase4:
     input:
         phase4_targets,

@@ -41,10 +41,12 @@ MCDO_EXPS = mcdo_registry.configured(MCDO)
 EXPERIMENTS = [e.name for e in MCDO_EXPS]
 PHASE1 = mcdo_registry.names(MCDO_EXPS, phase=1)
 PHASE2 = mcdo_registry.names(MCDO_EXPS, phase=2)
+PHASE3 = mcdo_registry.names(MCDO_EXPS, phase=3)
 SWEEPS = mcdo_registry.names(MCDO_EXPS, phase="sweep")
 GATE_INPUT = mcdo_registry.GATE_INPUT
 SWEEP = mcdo_registry.SWEEP
 FORCE_PHASE2 = MCDO.get("gate", {}).get("force_phase2", False)
+FORCE_PHASE3 = MCDO.get("gate", {}).get("force_phase3", False)
 if GATE_INPUT not in MCDO:
     raise ValueError(f"config mcdo: the gate's experiment {GATE_INPUT!r} has no section")
 
@@ -73,7 +75,7 @@ GSIM = bool(config["vlm"]["simulator"]["enabled"])
 
 # Models that preprocess identically share one pixel file, keyed by the preprocessing signature
 # (mcdo's experiments and the teacher's embedding models read the same pixel files).
-MODELS_USED = list(dict.fromkeys([*(m for e in EXPERIMENTS for m in MCDO[e]["models"]), *TEACHER_MODELS]))
+MODELS_USED = list(dict.fromkeys([*(m for e in EXPERIMENTS for m in MCDO[e].get("models", [])), *TEACHER_MODELS]))
 PREPROC_OF = {m: preproc_key(preprocess_spec(m)) for m in MODELS_USED}
 SPEC_OF_PREPROC = {PREPROC_OF[m]: preprocess_spec(m) for m in MODELS_USED}
 
@@ -168,8 +170,9 @@ def exp_T(wildcards):
 
 
 def exp_num_images(wildcards):
-    """A synthetic pixel file already holds only its experiment's images (natural + synthetic): use all."""
-    if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels == "synthetic":
+    """A synthetic or ablation pixel file already holds only its experiment's images (natural + their
+    versions): use all."""
+    if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels != "natural":
         return None
     return MCDO[wildcards.exp].get("num_images")
 
@@ -206,9 +209,32 @@ def overall_caption(wildcards):
 
 
 def run_pixels(wildcards):
-    """The pixel file of the wildcard's experiment: natural, or natural + synthetic."""
-    sub = "synthetic/" if mcdo_registry.EXPERIMENTS[wildcards.exp].pixels == "synthetic" else ""
+    """The pixel file of the wildcard's experiment: natural, natural + synthetic, or natural + ablation."""
+    kind = mcdo_registry.EXPERIMENTS[wildcards.exp].pixels
+    sub = "" if kind == "natural" else f"{kind}/"
     return f"{RESULTS}/pixels/{sub}{PREPROC_OF[wildcards.model]}.h5"
+
+
+def ablation_setting(key):
+    """One key of the config of the experiment that runs on ablation pixels (None without one)."""
+    exps = mcdo_registry.names(MCDO_EXPS, pixels="ablation")
+    return MCDO[exps[0]].get(key) if exps else None
+
+
+def scores_input(wildcards):
+    """The per-model scores file of an experiment with a scores job (registry `scores`), else nothing."""
+    kind = mcdo_registry.EXPERIMENTS[wildcards.exp].scores
+    return [f"{RESULTS}/mcdo/{wildcards.exp}/{wildcards.model}/{kind}.npz"] if kind else []
+
+
+def mot_costs(wildcards):
+    """The MOT experiment's cost JSON: the user's (config cost_json) or the generated demo sequence."""
+    path = MCDO[wildcards.exp].get("cost_json")
+    if path:
+        if not Path(path).is_file():
+            raise ValueError(f"config mcdo.{wildcards.exp}.cost_json: {path!r} is not a file")
+        return path
+    return f"{RESULTS}/mcdo/{wildcards.exp}/demo_costs.json"
 
 
 def model_summaries(wildcards):
@@ -217,7 +243,7 @@ def model_summaries(wildcards):
 
 def exp_outputs(exp):
     """The files that complete one experiment: summaries and figures."""
-    return mcdo_registry.outputs(RESULTS, mcdo_registry.EXPERIMENTS[exp], MCDO[exp]["models"])
+    return mcdo_registry.outputs(RESULTS, mcdo_registry.EXPERIMENTS[exp], MCDO[exp].get("models", []))
 
 
 def exp0_targets():
@@ -271,8 +297,23 @@ def gated_targets_of(phases):
 
 phase2_targets = gated_targets_of([2])
 phase4_targets = gated_targets_of([4])
-#: every phase after the gate (registry.GATED_PHASES): what `mcdo` and `all` build
-later_targets = gated_targets_of(mcdo_registry.GATED_PHASES)
+
+
+def run_phase3(wildcards):
+    """Phase 3 runs when the (final) gate's own decision is to proceed, or when mcdo.gate.force_phase3 forces it."""
+    return read_json(final_gate(wildcards))["decision"] == "proceed" or FORCE_PHASE3
+
+
+def phase3_targets(wildcards):
+    """Data-dependent, like Phase 2: Phase 3 enters the DAG only when the gate (or its force flag) says so."""
+    if run_phase3(wildcards):
+        return [f"{RESULTS}/mcdo/gate.json"] + [t for e in PHASE3 for t in exp_outputs(e)]
+    return [f"{RESULTS}/mcdo/gate.json", f"{RESULTS}/mcdo/phase3_not_run.md"]
+
+
+def later_targets(wildcards):
+    """Every phase after the gate (registry.GATED_PHASES, and Phase 3): what `mcdo` and `all` build."""
+    return list(dict.fromkeys(gated_targets_of(mcdo_registry.GATED_PHASES)(wildcards) + phase3_targets(wildcards)))
 
 
 # `all` builds every chain in config["chains"]: the static targets are listed up front (a dry run shows

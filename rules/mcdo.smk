@@ -162,6 +162,9 @@ rule mcdo_summary:
 
 
 use rule mcdo_summary as mcdo_experiment_summary with:
+    input:
+        runs=run_files,
+        scores=scores_input,
     wildcard_constraints:
         exp=exps_where(summary="analysis"),
     params:
@@ -340,6 +343,27 @@ rule mcdo_phase2_note:
         "../scripts/mcdo_gate.py"
 
 
+rule mcdo_phase3_note:
+    input:
+        final_gate,
+    output:
+        report(
+            "results/{run}/mcdo/phase3_not_run.md",
+            caption="../report/mcdo/gate.rst",
+            category="mcdo",
+            subcategory="gate",
+        ),
+    log:
+        "results/{run}/logs/mcdo/phase3_not_run.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_gate.py"
+
+
 # ---- figures: one rule per figure kind (the registry entry's `figure`) ---------------------------
 
 
@@ -453,6 +477,7 @@ rule mcdo_figure_experiment:
     input:
         summary="results/{run}/mcdo/{exp}/{model}/summary.json",
         runs=run_files,
+        scores=scores_input,
     output:
         report(
             "results/{run}/figures/mcdo/{exp}_{model}.png",
@@ -530,3 +555,196 @@ rule mcdo_figure_ambiguity:
         "../envs/vlmrel.yaml"
     script:
         "../scripts/mcdo_figure.py"
+
+
+# ---- Phase 3 (seed 002, section 9): jobs of their own kinds --------------------------------------
+
+
+rule mcdo_laplace:
+    input:
+        pixels=pixels_for_model,
+    output:
+        "results/{run}/mcdo/{exp}/{model}/laplace.npz",
+    wildcard_constraints:
+        exp=exps_where(scores="laplace"),
+    params:
+        num_images=exp_num_images,
+        class_names=exp_setting("class_names"),
+        prompt_template=exp_setting("prompt_template"),
+        ridge_lambda=exp_setting("ridge_lambda"),
+        fit_fraction=exp_setting("fit_fraction"),
+        hessian_structure=exp_setting("hessian_structure"),
+        link_approx=exp_setting("link_approx"),
+        n_samples=exp_setting("n_samples"),
+        kfac_fisher=exp_setting("kfac_fisher"),
+        seed=MCDO["seed"],
+        precision=MCDO["precision"],
+        batch_size=MCDO["batch_size"],
+        device=config["device"],
+    log:
+        "results/{run}/logs/mcdo/{exp}/{model}/laplace.log",
+    benchmark:
+        "results/{run}/benchmarks/mcdo/{exp}/{model}/laplace.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=MCDO["mem_mb"],
+        gpu=GPU,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_scores.py"
+
+
+rule mcdo_semantic:
+    input:
+        pixels=run_pixels,
+    output:
+        "results/{run}/mcdo/{exp}/{model}/{kind}/p{p}/semantic{k}.npz",
+    wildcard_constraints:
+        exp=exps_where(job="semantic"),
+    params:
+        seed=MCDO["seed"],
+        T=exp_T,
+        precision=MCDO["precision"],
+        batch_size=MCDO["batch_size"],
+        num_images=exp_num_images,
+        device=config["device"],
+        prompts=exp_setting("prompts"),
+        class_names=exp_setting("class_names"),
+        prompt_template=exp_setting("prompt_template"),
+    log:
+        "results/{run}/logs/mcdo/{exp}/{model}/{kind}/p{p}/semantic{k}.log",
+    benchmark:
+        "results/{run}/benchmarks/mcdo/{exp}/{model}/{kind}/p{p}/semantic{k}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=MCDO["mem_mb"],
+        gpu=GPU,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_semantic.py"
+
+
+rule mcdo_aleatoric:
+    input:
+        manifest="results/{run}/images/manifest.tsv",
+        images=image_inputs,
+    output:
+        "results/{run}/mcdo/{exp}/{model}/aleatoric.npz",
+    wildcard_constraints:
+        exp=exps_where(scores="aleatoric"),
+    params:
+        root=image_root,
+        versions=exp_setting("versions"),
+        num_images=exp_setting("num_images"),
+        class_names=exp_setting("class_names"),
+        prompt_template=exp_setting("prompt_template"),
+        seed=MCDO["seed"],
+        precision=MCDO["precision"],
+        batch_size=MCDO["batch_size"],
+        device=config["device"],
+    log:
+        "results/{run}/logs/mcdo/{exp}/{model}/aleatoric.log",
+    benchmark:
+        "results/{run}/benchmarks/mcdo/{exp}/{model}/aleatoric.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=MCDO["mem_mb"],
+        gpu=GPU,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_scores.py"
+
+
+rule pixels_ablation:
+    input:
+        manifest="results/{run}/images/manifest.tsv",
+        images=image_inputs,
+    output:
+        "results/{run}/pixels/ablation/{preproc}.h5",
+    params:
+        root=image_root,
+        spec=preproc_spec,
+        seed=MCDO["seed"],
+        ablation=ablation_setting("ablation"),
+        num_images=ablation_setting("num_images"),
+    log:
+        "results/{run}/logs/pixels/ablation/{preproc}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/pixels_ablation.py"
+
+
+rule mcdo_mot_demo:
+    output:
+        "results/{run}/mcdo/{exp}/demo_costs.json",
+    wildcard_constraints:
+        exp=exps_where(job="mot"),
+    params:
+        seed=MCDO["seed"],
+        demo=exp_setting("demo"),
+    log:
+        "results/{run}/logs/mcdo/{exp}/demo_costs.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_mot.py"
+
+
+rule mcdo_mot:
+    input:
+        costs=mot_costs,
+    output:
+        summary="results/{run}/mcdo/{exp}/summary.json",
+        arrays="results/{run}/mcdo/{exp}/per_frame.npz",
+    wildcard_constraints:
+        exp=exps_where(job="mot"),
+    params:
+        alpha=exp_setting("alpha"),
+        beta=exp_setting("beta"),
+        gate_cost=exp_setting("gate_cost"),
+    log:
+        "results/{run}/logs/mcdo/{exp}/summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_mot.py"
+
+
+rule mcdo_figure_mot:
+    input:
+        summary="results/{run}/mcdo/{exp}/summary.json",
+        arrays="results/{run}/mcdo/{exp}/per_frame.npz",
+    output:
+        report(
+            "results/{run}/figures/mcdo/{exp}.png",
+            caption="../report/mcdo/mot.rst",
+            category="mcdo",
+            subcategory="{exp}",
+            labels={"model": "none", "figure": "{exp}"},
+        ),
+    wildcard_constraints:
+        exp=exps_where(figure="mot"),
+    params:
+        dpi=config["figures"]["dpi"],
+    log:
+        "results/{run}/logs/figures/mcdo/{exp}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/vlmrel.yaml"
+    script:
+        "../scripts/mcdo_mot.py"

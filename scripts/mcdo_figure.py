@@ -20,6 +20,13 @@ elif rule == "mcdo_figure_overall":
 elif rule == "mcdo_figure_ambiguity":
     pipeline.ambiguity_figure(w.exp, w.model, inputs.summary, inputs.per_image, out, dpi=dpi)
 else:
+    scores = list(inputs.scores)
     pipeline.experiment_figure(
-        w.exp, w.model, inputs.summary, pipeline.arms_with_files(snakemake.params.arms), out, dpi=dpi
+        w.exp,
+        w.model,
+        inputs.summary,
+        pipeline.arms_with_files(snakemake.params.arms),
+        out,
+        dpi=dpi,
+        scores=scores[0] if scores else None,
     )

@@ -8,6 +8,8 @@ setup_job_log(snakemake.log[0])
 inputs = snakemake.input
 if snakemake.rule == "mcdo_phase2_note":
     pipeline.phase_note(inputs[0], snakemake.output[0])
+elif snakemake.rule == "mcdo_phase3_note":
+    pipeline.phase3_note(inputs[0], snakemake.output[0])
 else:
     sweep = inputs.sweep if "sweep" in inputs.keys() else None
     pipeline.gate(

@@ -10,4 +10,7 @@ if snakemake.rule == "mcdo_summary":
         list(snakemake.input), snakemake.output[0], model=w.model, p=p.p, knee_tol=p.tol
     )
 else:
-    pipeline.experiment_summary(w.exp, w.model, pipeline.arms_with_files(p.arms), snakemake.output[0])
+    scores = list(snakemake.input.scores)
+    pipeline.experiment_summary(
+        w.exp, w.model, pipeline.arms_with_files(p.arms), snakemake.output[0], scores[0] if scores else None
+    )

@@ -204,6 +204,14 @@ def test_forcing_phase2_brings_it_into_the_dag(gate_run):
     assert gate["decision"] == "negative_result" and gate["forced"] and gate["run_phase2"]
 
 
+def test_phase3_needs_its_own_flag(gate_run):
+    """force_phase2 does not force Phase 3: on a failed gate it writes its note and runs nothing."""
+    work, cfg, _ = gate_run
+    mcdo = work / "results" / cfg["run"] / "mcdo"
+    assert "Phase 3 is not run" in (mcdo / "phase3_not_run.md").read_text()
+    assert not any((mcdo / exp).exists() for exp in ("exp6", "exp7", "exp8", "exp9"))
+
+
 def test_exp1_equal_rates_give_spearman_one(gate_run):
     work, cfg, _ = gate_run
     summary = json.loads((work / "results" / cfg["run"] / "mcdo/exp1/tiny_clip/summary.json").read_text())
@@ -440,6 +448,32 @@ def test_demo_outputs_follow_their_contracts(demo_run):
     assert (
         res / "logs" / "mcdo" / "exp0" / "tiny_clip" / "output" / "p0.01" / "trial0.log"
     ).stat().st_size > 0
+
+
+def test_demo_runs_phase3_forced(demo_run):
+    work, cfg = demo_run
+    res = work / "results" / "demo"
+    mcdo = cfg["mcdo"]
+    assert mcdo["gate"]["force_phase3"]
+    for exp in ("exp6", "exp7", "exp8"):
+        for model in mcdo[exp]["models"]:
+            summary = json.loads((res / "mcdo" / exp / model / "summary.json").read_text())
+            assert summary["experiment"] == exp and not summary.get("skipped")
+            assert (res / "figures" / "mcdo" / f"{exp}_{model}.png").read_bytes()[:4] == b"\x89PNG"
+    exp6 = json.loads((res / "mcdo/exp6/tiny_clip/summary.json").read_text())
+    assert set(exp6["methods"]) == {"mc_dropout", "ridge_leverage", "laplace"}
+    assert exp6["n_fit"] + exp6["n_scored"] == exp6["n_images"]
+    with np.load(res / "mcdo/exp6/tiny_clip/laplace.npz", allow_pickle=False) as z:
+        fit = z["fit"]
+        assert np.isnan(z["laplace_entropy"][fit]).all() and np.isfinite(z["laplace_entropy"][~fit]).all()
+    exp7 = json.loads((res / "mcdo/exp7/tiny_clip/summary.json").read_text())
+    assert set(exp7["ablation"]) == set(mcdo["exp7"]["ablation"])
+    exp8 = json.loads((res / "mcdo/exp8/tiny_clip/summary.json").read_text())
+    assert len(exp8["top_uncertain"]) == min(20, exp8["n_images"])
+    exp9 = json.loads((res / "mcdo/exp9/summary.json").read_text())
+    assert exp9["modes"] == ["baseline", "adaptive", "oracle"]
+    assert exp9["improvement_over_baseline"]["adaptive"]["idf1"] > 0
+    assert (res / "figures/mcdo/exp9.png").exists()
 
 
 def test_a_complete_run_has_nothing_left_to_do(demo_run):

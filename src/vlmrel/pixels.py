@@ -125,16 +125,26 @@ def preprocess(img: Image.Image, spec: Mapping[str, Any]) -> np.ndarray:
     (Pillow resize of the short side to S, center crop, ``x/255``, ``(x-mean)/std`` in
     float32); ``squash`` resizes straight to S x S with Pillow (the SigLIP processors).
     """
+    return normalise(resize_to_spec(img, spec), spec)
+
+
+def resize_to_spec(img: Image.Image, spec: Mapping[str, Any]) -> Image.Image:
+    """The RGB image at the model's input size (resized and cropped, or squashed), not normalised:
+    the step after which a degradation that must survive the crop is applied (mcdo exp7)."""
     from vlmrel.images import to_rgb
 
     s = validate_spec(spec)
     size, resample = s["size"], INTERPOLATIONS[s["interpolation"]]
     img = to_rgb(img)
     if s["resize"] == "squash":
-        out = img if img.size == (size, size) else img.resize((size, size), resample)
-    else:
-        out = _resize_shortest_center_crop(img, size, resample)
-    x = np.asarray(out, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+        return img if img.size == (size, size) else img.resize((size, size), resample)
+    return _resize_shortest_center_crop(img, size, resample)
+
+
+def normalise(img: Image.Image, spec: Mapping[str, Any]) -> np.ndarray:
+    """An S x S RGB image as float32 [3, S, S]: ``x/255``, then ``(x - mean) / std``."""
+    s = validate_spec(spec)
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     mean = np.asarray(s["mean"], dtype=np.float32)
     std = np.asarray(s["std"], dtype=np.float32)
     x = (x - mean) / std

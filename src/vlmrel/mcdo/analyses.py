@@ -3,7 +3,8 @@
 An analysis takes the experiment's arms of one model, each an ``(arm, files)`` pair (the arm's
 record as in :meth:`vlmrel.mcdo.registry.Arm.record`, and its K trial or geometry files), and
 returns the model's summary. A figure function takes that summary, the same arms, the output
-path, the model and the dpi. Heavy modules are imported inside the functions, so that the
+path, the model and the dpi. An entry with a ``scores`` job (exp6, exp7) also receives its
+per-model scores file as ``scores=``. Heavy modules are imported inside the functions, so that the
 registry (read when the workflow is parsed) stays light.
 """
 
@@ -92,6 +93,27 @@ def synthetic_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
     ids, scores = trial_scores(_only(arms))
     natural, synthetic = split_synthetic(ids, scores)
     return synthetic_separation(natural, synthetic)
+
+
+def laplace_summary(arms: Sequence[ArmRuns], scores: PathLike) -> dict[str, Any]:
+    """exp6: MC dropout, ridge leverage and a last-layer Laplace against the ambiguity targets."""
+    from vlmrel.mcdo.laplace import laplace_summary as summary
+
+    return summary(_only(arms), scores)
+
+
+def aleatoric_summary(arms: Sequence[ArmRuns], scores: PathLike) -> dict[str, Any]:
+    """exp7: aleatoric (degraded versions) against epistemic (MC dropout), and the degradation ablation."""
+    from vlmrel.mcdo.aleatoric import aleatoric_summary as summary
+
+    return summary(_only(arms), scores)
+
+
+def semantic_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
+    """exp8: the semantic decomposition of the MC-dropout variance."""
+    from vlmrel.mcdo.semantic import semantic_summary as summary
+
+    return summary(_only(arms))
 
 
 def text_summary(arms: Sequence[ArmRuns]) -> dict[str, Any]:
@@ -183,3 +205,27 @@ def synthetic_figure(
     ids, scores = trial_scores(_only(arms))
     natural, synthetic = split_synthetic(ids, scores)
     figures.synthetic_vs_natural(natural, synthetic, out, model, summary, dpi=dpi)
+
+
+def laplace_figure(
+    summary: Mapping[str, Any], arms: Sequence[ArmRuns], out: PathLike, model: str, dpi: int, scores: PathLike
+) -> None:
+    from vlmrel.mcdo.laplace import laplace_figure as figure
+
+    figure(summary, _only(arms), scores, out, model, dpi)
+
+
+def aleatoric_figure(
+    summary: Mapping[str, Any], arms: Sequence[ArmRuns], out: PathLike, model: str, dpi: int, scores: PathLike
+) -> None:
+    from vlmrel.mcdo.aleatoric import aleatoric_figure as figure
+
+    figure(summary, _only(arms), scores, out, model, dpi)
+
+
+def semantic_figure(
+    summary: Mapping[str, Any], arms: Sequence[ArmRuns], out: PathLike, model: str, dpi: int
+) -> None:
+    from vlmrel.mcdo.semantic import semantic_figure as figure
+
+    figure(summary, _only(arms), out, model, dpi)

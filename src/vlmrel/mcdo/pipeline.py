@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ def trial(
 
         collector = GeometryCollector(n, max(T))
     encoder = load_encoder(model, device=device, precision=precision)
+    started = time.perf_counter()
     result = run_trial(
         encoder,
         iter_batches(pixels_h5, batch_size, indices=range(n)),
@@ -72,6 +74,7 @@ def trial(
         depthwise=depthwise,
     )
     meta = {"experiment": exp, "model": model, "p": float(p), "seed": seed, "trial": int(k), "kind": kind}
+    meta["wall_seconds"] = time.perf_counter() - started  # the passes' wall time (exp6's runtime per image)
     if collector:
         from vlmrel.mcdo.geometry import save_geometry
 
@@ -242,9 +245,12 @@ def reliability_overall(summary_paths: Sequence[PathLike], out: PathLike) -> dic
     return overall
 
 
-def experiment_summary(exp: str, model: str, arms: Sequence[ArmRuns], out: PathLike) -> dict[str, Any]:
-    """The summary of one (experiment, model): the registry entry's analysis on its arms."""
-    result = EXPERIMENTS[exp].analysis(arms)
+def experiment_summary(
+    exp: str, model: str, arms: Sequence[ArmRuns], out: PathLike, scores: PathLike | None = None
+) -> dict[str, Any]:
+    """The summary of one (experiment, model): the registry entry's analysis on its arms (and on its
+    per-model scores file, for an entry with a ``scores`` job)."""
+    result = EXPERIMENTS[exp].analysis(arms, **_scores_kw(exp, scores))
     summary = {"score": f"trace_{SCORE_SPACE} at max T", **result, "experiment": exp, "model": model}
     write_json(out, summary)
     return summary
@@ -258,6 +264,14 @@ def experiment_overall(
     summary = {**result, "experiment": exp}
     write_json(out, summary)
     return summary
+
+
+def _scores_kw(exp: str, scores: PathLike | None) -> dict[str, Any]:
+    if EXPERIMENTS[exp].scores is None:
+        return {}
+    if scores is None:
+        raise ValueError(f"experiment {exp!r} needs its {EXPERIMENTS[exp].scores} scores file")
+    return {"scores": scores}
 
 
 def arms_with_files(records: Sequence[Mapping[str, Any]]) -> list[ArmRuns]:
@@ -503,6 +517,38 @@ def phase_note(gate_path: PathLike, out: PathLike) -> None:
         tmp.write_text(negative_result_note(read_json(gate_path)), encoding="utf-8")
 
 
+def phase3_note(gate_path: PathLike, out: PathLike) -> None:
+    """The note written instead of Phase 3 when the gate did not say proceed and nothing forced it."""
+    from vlmrel.io import atomic_path
+
+    gate = read_json(gate_path)
+    text = (
+        "# Phase 3 is not run\n\n"
+        f"- gate decision: **{gate['decision']}** (Phase 3 runs only on `proceed`)\n"
+        "- force it with `mcdo.gate.force_phase3: true` (the decision and its reasons stay recorded)\n"
+        + "".join(f"- {r}\n" for r in gate.get("reasons", []))
+    )
+    with atomic_path(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# ---- Phase 3's per-model scores jobs -------------------------------------------------------------
+
+
+def scores_job(rule: str, inputs: Mapping[str, Any], out: PathLike, *, model: str, **params: Any) -> None:
+    """A Phase 3 scores job (the rule names its kind): exp6's ``laplace.npz`` or exp7's ``aleatoric.npz``."""
+    if rule == "mcdo_laplace":
+        from vlmrel.mcdo.laplace import score_job
+
+        score_job(inputs["pixels"], out, model=model, **params)
+    elif rule == "mcdo_aleatoric":
+        from vlmrel.mcdo.aleatoric import score_job as aleatoric_job
+
+        aleatoric_job(inputs["manifest"], params.pop("root"), out, model=model, **params)
+    else:
+        raise ValueError(f"no scores job for rule {rule!r}")
+
+
 # ---- figures -------------------------------------------------------------------------------------
 
 
@@ -534,10 +580,17 @@ def geometry_figure(runs_by_model: Mapping[str, Sequence[PathLike]], out: PathLi
 
 
 def experiment_figure(
-    exp: str, model: str, summary: PathLike, arms: Sequence[ArmRuns], out: PathLike, *, dpi: int
+    exp: str,
+    model: str,
+    summary: PathLike,
+    arms: Sequence[ArmRuns],
+    out: PathLike,
+    *,
+    dpi: int,
+    scores: PathLike | None = None,
 ) -> None:
     """The figure of one (experiment, model): the registry entry's plot function."""
-    EXPERIMENTS[exp].plot(read_json(summary), arms, out, model, dpi)
+    EXPERIMENTS[exp].plot(read_json(summary), arms, out, model, dpi, **_scores_kw(exp, scores))
 
 
 def overall_figure(exp: str, summary: PathLike, out: PathLike, *, dpi: int) -> None:

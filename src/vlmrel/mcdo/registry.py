@@ -6,25 +6,33 @@ An entry says:
 
 - ``name``: the experiment and its config section (``mcdo.<name>``) and output folder
   (``results/{run}/mcdo/<name>/``);
-- ``phase``: 1 (before the gate), 2 or 4 (after it, or forced: :data:`GATED_PHASES`), or
+- ``phase``: 1 (before the gate); 2 or 4 (after it, or forced by ``mcdo.gate.force_phase2``:
+  :data:`GATED_PHASES`); 3 (after it, or forced by its own ``mcdo.gate.force_phase3``); or
   ``"sweep"`` (the convergence sweep, run when the gate asks for it);
 - ``job``: what each MC-dropout job writes: ``"trials"`` (``trial{k}.npz``, the traces at every T),
   ``"geometry"`` (``geometry{k}.npz``, the per-image covariance geometry of the same passes),
+  ``"semantic"`` (``semantic{k}.npz``, the per-image semantic decomposition of the passes, exp8),
   ``"text"`` (``text{k}.npz``: dropout in the text tower, a trace per prompt; exp10) or ``"search"``
-  (``search0.npz``: a layer-wise rate search, every candidate's K trials; exp11);
+  (``search0.npz``: a layer-wise rate search, every candidate's K trials; exp11); ``"mot"`` is no
+  MC-dropout job at all but the tracking association of exp9 (one per experiment, no models);
+- ``scores``: ``None``, or a per-model job with the model's deterministic features whose file
+  ``{exp}/{model}/{scores}.npz`` the analysis and figure also receive (``"laplace"``: exp6's ridge
+  leverage and last-layer Laplace; ``"aleatoric"``: exp7's degraded versions);
 - ``summary``: how a model's files become ``summary.json``: ``"reliability"`` (reliability across
   trials at every T, then an overall summary over models: exp0 and the sweep), ``"ambiguity"``
   (the model's zero-shot ambiguity against its uncertainty, then an overall summary), or
-  ``"analysis"`` (the entry's ``analysis`` function on its arms);
+  ``"analysis"`` (the entry's ``analysis`` function on its arms, and on its ``scores`` file when it
+  has one), or ``"mot"`` (exp9's tracking association);
 - ``figure``: the figure kind (``"reliability"``, ``"knee"`` (reliability against T with the sweep's
   knee), ``"geometry"``,
-  ``"ambiguity"`` or ``"experiment"``, the last drawn by the entry's ``plot`` function);
+  ``"ambiguity"``, ``"mot"`` or ``"experiment"``, the last drawn by the entry's ``plot`` function);
 - ``caption``: for ``"experiment"`` figures, the caption text's file under ``report/`` (the other
   figure kinds have one rule, and one caption, each);
 - ``arms``: the explicit records of what varies inside the experiment (:class:`Arm`: dropout kind,
   rate, replicate), so that analyses receive the rates and kinds as values, never parsed back
   out of paths;
-- ``pixels``: ``"natural"`` or ``"synthetic"`` (exp2's natural + generated images).
+- ``pixels``: ``"natural"``, ``"synthetic"`` (exp2's natural + generated images) or ``"ablation"``
+  (exp7's natural images + their degraded versions, ids ``<image_id>__<degradation>``).
 
 Adding an experiment is an entry here, its analysis (and figure) function in
 :mod:`vlmrel.mcdo.analyses`, its caption and its config section; ``docs/architecture.md`` walks
@@ -39,12 +47,14 @@ from typing import Any
 
 from vlmrel.mcdo import analyses
 
-PHASES = (1, 2, 4, "sweep")
-#: the phases after the gate: they run when the gate says proceed, or when forced (mcdo.gate.force_phase2)
-GATED_PHASES = tuple(p for p in PHASES if isinstance(p, int) and p >= 2)
-JOBS = ("trials", "geometry", "text", "search")
-SUMMARIES = ("reliability", "ambiguity", "analysis")
-FIGURES = ("reliability", "knee", "geometry", "ambiguity", "experiment")
+PHASES = (1, 2, 3, 4, "sweep")
+#: the phases after the gate that mcdo.gate.force_phase2 forces (Phase 3 has its own flag, force_phase3)
+GATED_PHASES = (2, 4)
+JOBS = ("trials", "geometry", "semantic", "text", "search", "mot")
+SCORES = (None, "laplace", "aleatoric")
+PIXELS = ("natural", "synthetic", "ablation")
+SUMMARIES = ("reliability", "ambiguity", "analysis", "mot")
+FIGURES = ("reliability", "knee", "geometry", "ambiguity", "experiment", "mot")
 #: mcdo config keys that are settings, not experiments
 SETTINGS = ("seed", "precision", "batch_size", "dropout_kind", "depthwise_dropout", "mem_mb", "gate")
 
@@ -105,6 +115,7 @@ class Experiment:
     caption: str | None = None
     arms: Callable[[Mapping[str, Any], Mapping[str, Any]], list[Arm]] = single_arm
     pixels: str = "natural"
+    scores: str | None = None
     analysis: Callable[..., dict[str, Any]] | None = None
     plot: Callable[..., None] | None = None
     overall: Callable[..., dict[str, Any]] | None = None
@@ -118,7 +129,8 @@ class Experiment:
             ("job", JOBS),
             ("summary", SUMMARIES),
             ("figure", FIGURES),
-            ("pixels", ("natural", "synthetic")),
+            ("pixels", PIXELS),
+            ("scores", SCORES),
         ):
             if getattr(self, attr) not in allowed:
                 raise ValueError(f"experiment {self.name!r}: {attr} must be one of {allowed}")
@@ -128,6 +140,8 @@ class Experiment:
             raise ValueError(
                 f"experiment {self.name!r}: an overall analysis needs overall_plot and overall_caption"
             )
+        if (self.job == "mot") != (self.summary == "mot") or (self.job == "mot") != (self.figure == "mot"):
+            raise ValueError(f"experiment {self.name!r}: job, summary and figure 'mot' go together")
         if self.figure == "experiment" and (self.plot is None or self.caption is None):
             raise ValueError(
                 f"experiment {self.name!r}: figure 'experiment' needs a plot function and a caption"
@@ -141,7 +155,7 @@ class Experiment:
 
     @property
     def stem(self) -> str:
-        """The MC-dropout job's file stem: 'trial', 'geometry', 'text' or 'search'."""
+        """The MC-dropout job's file stem: 'trial', 'geometry', 'semantic', 'text' or 'search'."""
         return {"trials": "trial"}.get(self.job, self.job)
 
     def n_files(self, exp_cfg: Mapping[str, Any]) -> int:
@@ -288,6 +302,59 @@ register(
     )
 )
 
+register(
+    Experiment(
+        name="exp6",
+        phase=3,
+        job="trials",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/laplace.rst",
+        description="MC dropout vs ridge leverage vs a last-layer Laplace as predictors of ambiguity",
+        scores="laplace",
+        analysis=analyses.laplace_summary,
+        plot=analyses.laplace_figure,
+    )
+)
+register(
+    Experiment(
+        name="exp7",
+        phase=3,
+        job="trials",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/aleatoric.rst",
+        description="aleatoric (degraded versions) vs epistemic (MC dropout) uncertainty, degradation ablation",
+        pixels="ablation",
+        scores="aleatoric",
+        analysis=analyses.aleatoric_summary,
+        plot=analyses.aleatoric_figure,
+    )
+)
+register(
+    Experiment(
+        name="exp8",
+        phase=3,
+        job="semantic",
+        summary="analysis",
+        figure="experiment",
+        caption="mcdo/semantic.rst",
+        description="semantic space: the MC-dropout variance along and across the directions of text prompts",
+        analysis=analyses.semantic_summary,
+        plot=analyses.semantic_figure,
+    )
+)
+register(
+    Experiment(
+        name="exp9",
+        phase=3,
+        job="mot",
+        summary="mot",
+        figure="mot",
+        description="uncertainty-adaptive MOT association (motmetrics on a cost JSON)",
+    )
+)
+
 
 # Phase 4 (seed 002, section 10)
 register(
@@ -344,6 +411,12 @@ def arm_files(results: str, exp: str, model: str, arm: Arm, stem: str, trials: i
 
 def outputs(results: str, exp: Experiment, models: Sequence[str]) -> list[str]:
     """The files that complete one experiment: per-model summaries, overall summary and figures."""
+    if exp.job == "mot":  # no models: one association study per experiment
+        return [
+            f"{results}/mcdo/{exp.name}/summary.json",
+            f"{results}/mcdo/{exp.name}/per_frame.npz",
+            f"{results}/figures/mcdo/{exp.name}.png",
+        ]
     out = [f"{results}/mcdo/{exp.name}/{m}/summary.json" for m in models]
     if exp.summary == "reliability":
         out.append(f"{results}/mcdo/{exp.name}/overall_summary.json")
