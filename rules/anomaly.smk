@@ -441,6 +441,6 @@ rule anomaly_image_ood_evaluate:
     resources:
         mem_mb=1000,
     conda:
-        "../envs/anomaly.yaml"
+        "../envs/vlmrel.yaml"
     script:
         "../scripts/anomaly_image_ood_evaluate.py"
