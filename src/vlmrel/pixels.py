@@ -419,6 +419,18 @@ def iter_batches(
         yield from pf.iter_batches(batch_size, indices)
 
 
+def images_to_use(h5_path: str | os.PathLike[str], num_images: int | None) -> int:
+    """How many of the pixel file's images a job uses: its first ``num_images`` (None: all of them).
+    Fewer accepted images than asked is logged as a warning, not an error."""
+    total = read_pixel_meta(h5_path)["n_images"]
+    if num_images is None:
+        return total
+    n = min(int(num_images), total)
+    if n < num_images:
+        log.warning("num_images=%d asked, only %d accepted images in %s", num_images, n, h5_path)
+    return n
+
+
 def read_pixel_meta(h5_path: str | os.PathLike[str]) -> dict[str, Any]:
     """The pixel file's metadata: ``spec``, ``preproc_key``, ``n_images``, ``size``, ``shape``, ``vlmrel_version``."""
     with PixelFile(h5_path) as pf:

@@ -49,12 +49,9 @@ def trial(
     ``depthwise``: depthwise convolutions are injection sites too (CNNs; Linear and 1x1 convs always are)."""
     from vlmrel.mcdo.dropout import run_trial, save_trial
     from vlmrel.models import load_encoder
-    from vlmrel.pixels import iter_batches, read_pixel_meta
+    from vlmrel.pixels import images_to_use, iter_batches
 
-    n_total = read_pixel_meta(pixels_h5)["n_images"]
-    n = n_total if num_images is None else min(num_images, n_total)
-    if num_images is not None and n < num_images:
-        log.warning("num_images=%d asked, only %d accepted images in %s", num_images, n, pixels_h5)
+    n = images_to_use(pixels_h5, num_images)
     collector = None
     if geometry:
         from vlmrel.mcdo.geometry import GeometryCollector
@@ -188,10 +185,9 @@ def rate_search(
     from vlmrel.mcdo import concrete
     from vlmrel.mcdo.dropout import versions
     from vlmrel.models import load_encoder
-    from vlmrel.pixels import iter_batches, read_pixel_meta
+    from vlmrel.pixels import images_to_use, iter_batches
 
-    n_total = read_pixel_meta(pixels_h5)["n_images"]
-    n = n_total if num_images is None else min(num_images, n_total)
+    n = images_to_use(pixels_h5, num_images)
     encoder = load_encoder(model, device=device, precision=precision)
     ids, zero_shot = zero_shot_quantities(encoder, pixels_h5, n, class_names, batch_size)
     arrays = concrete.run_search(

@@ -149,10 +149,9 @@ def semantic_trial(
     from vlmrel.mcdo import targets as tg
     from vlmrel.mcdo.dropout import run_trial, versions
     from vlmrel.models import load_encoder
-    from vlmrel.pixels import iter_batches, read_pixel_meta
+    from vlmrel.pixels import images_to_use, iter_batches
 
-    n_total = read_pixel_meta(pixels_h5)["n_images"]
-    n = n_total if num_images is None else min(num_images, n_total)
+    n = images_to_use(pixels_h5, num_images)
     encoder = load_encoder(model, device=device, precision=precision)
     meta: dict[str, Any] = {
         "experiment": exp, "model": model, "p": float(p), "seed": seed, "trial": int(k), "kind": kind,

@@ -96,10 +96,9 @@ def deterministic_features(
     """Image ids and features [N, D] (float64, before normalisation) with dropout off."""
     import torch
 
-    from vlmrel.pixels import iter_batches, read_pixel_meta
+    from vlmrel.pixels import images_to_use, iter_batches
 
-    total = read_pixel_meta(pixels_h5)["n_images"]
-    n = total if n is None else min(int(n), total)
+    n = images_to_use(pixels_h5, n)
     ids: list[str] = []
     feats = []
     with torch.inference_mode():
