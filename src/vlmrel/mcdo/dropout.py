@@ -31,10 +31,35 @@ per channel, not a channel mix) stay untouched unless ``depthwise=True`` (config
 in eval mode: :func:`inject_dropout` refuses a tower with a BatchNorm in training mode, so the
 running statistics cannot move during a trial (a dropped pass would otherwise shift them).
 
-Random draws are dtype-independent. Dropped positions are sampled as a Bernoulli(p) process by
-geometric gaps from float64 uniforms of the given ``torch.Generator`` (about ``p * n`` draws
-instead of ``n``; at p = 0.01 the dense ``torch.rand(n) >= p`` mask costs more than a bf16
-forward pass on CPU), so an fp64, fp32 and bf16 run with the same seed see identical masks.
+Random draws (the mask stream) are the same on every device and in every dtype. A pass's
+masks come from one CPU ``torch.Generator`` seeded with :func:`pass_seed`; each injection site
+(in call order) draws one int64 ``key`` from it (``torch.randint(-2^63, 2^63 - 1)``) and its
+dropped positions follow from the key alone, computed on the tensor's device:
+
+1. ``V_i = (splitmix64(key)_i >> 11) + 1`` for ``i = 0, 1, ...``: output ``i`` of SplitMix64 seeded
+   with ``key`` (``mix(key + (i + 1) * 0x9E3779B97F4A7C15 mod 2^64)``, Steele et al. 2014), a
+   uniform integer in ``[1, 2^53]`` (:func:`splitmix64_u53`).
+2. Gap ``j`` between dropped positions is ``1 + c * A_j + B_j`` (a Geometric(p) number of kept
+   elements, then the drop), ``q = 1 - p``, with the integer threshold tables of
+   ``_gap_tables`` (computed once per rate on the CPU in float64 with Python's ``math``):
+   ``A_j = max{a : TA[a] >= V}`` over ``TA[a] = floor(q^(c a) 2^53)`` and
+   ``B_j = max{b < c : TB[b] >= V'}`` over ``TB[b] = floor((q^b - q^c) / (1 - q^c) 2^53)``.
+   While ``K = ceil(53 ln 2 / -ln q) <= 2^16`` (p >= 5.6e-4), ``c = 1``: ``B = 0`` and
+   ``V = V_j``. Below that rate ``c = ceil(sqrt(K))`` keeps both tables near ``sqrt(K)``
+   entries, and ``V = V_2j``, ``V' = V_2j+1``. Each count is a float64 inverse-CDF guess
+   corrected by two exact integer comparisons with the table.
+3. Positions are the cumulative sums of the gaps minus one, below the site's element count
+   ``n`` (row-major order of the tensor).
+
+About ``p n`` stream outputs per site instead of ``n`` uniforms (at p = 0.01 a dense
+``torch.rand(n) >= p`` mask costs more than a bf16 forward pass on CPU). Integer arithmetic
+decides every count, so a device's ``log`` (CPU and CUDA can differ in the last bit, which
+would move a ``floor``) only speeds the search; and no device generator is used (CUDA's Philox
+and the CPU's Mersenne twister differ). So a
+CPU and a GPU run, and an fp64, fp32 and bf16 run, with the same seed see identical masks;
+``tests/test_mask_stream.py`` checks the positions against an independent numpy
+implementation of this stream. The ``gaussian`` kind draws dense N(0, 1) noise from the same CPU generator and
+copies it to the device.
 
 Variances are accumulated as float64 sums of deviations from the first pass (shifted data),
 not as ``sumsq/T - mean**2`` in float32, which cancels when the dropout noise is small against
@@ -43,6 +68,7 @@ the feature mean (seed 002, defect 8).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -69,6 +95,7 @@ __all__ = [
     "pass_seed",
     "run_trial",
     "save_trial",
+    "splitmix64_u53",
 ]
 
 KINDS = ("output", "input", "dropconnect", "gaussian", "seed002")
@@ -78,25 +105,129 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- random draws
+#
+# The mask stream (documented in the module docstring, "Random draws"): SplitMix64 outputs as
+# 53-bit integers, turned into geometric gaps by integer threshold tables, in int64 arithmetic
+# that every torch device computes bit for bit alike.
+
+_U64 = 1 << 64
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_TWO53 = 1 << 53
+_ONE_LEVEL_MAX = 1 << 16  # up to this many geometric steps (p >= 5.6e-4), one table: G = A
 
 
-def drop_positions(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+def _signed64(v: int) -> int:
+    """The int64 whose two's-complement bits are the unsigned 64-bit ``v``."""
+    v %= _U64
+    return v - _U64 if v >= 1 << 63 else v
+
+
+def _shr(z: torch.Tensor, s: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` on int64 is arithmetic)."""
+    r = torch.bitwise_right_shift(z, s, out=out) if out is not None else z >> s
+    return r.bitwise_and_((1 << (64 - s)) - 1)
+
+
+def splitmix64_u53(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Outputs ``start .. start + count - 1`` of SplitMix64 seeded with ``key``, as 53-bit integers + 1.
+
+    Output ``i`` is ``mix(key + (i + 1) * 0x9E3779B97F4A7C15 mod 2^64) >> 11``, plus one, i.e. an
+    int64 in ``[1, 2^53]``; ``mix`` is SplitMix64's finaliser. Integer ops only, so any device
+    gives the same bits.
+    """
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z.mul_(_signed64(_GAMMA)).add_(_signed64(key))  # int64 multiply and add wrap mod 2^64
+    t = torch.empty_like(z)
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        z.bitwise_xor_(_shr(z, shift, out=t))
+        if mult is not None:
+            z.mul_(_signed64(mult))
+    return _shr(z, 11, out=t).add_(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _gap_tables(p: float) -> tuple[int, torch.Tensor, torch.Tensor, float, float]:
+    """``(c, TA, TB, log_q, q^c)`` of the two-level geometric draw at rate ``p``.
+
+    With ``q = 1 - p``, a Geometric(p) count of kept elements before a drop is ``G = c*A + B``,
+    ``A`` and ``B`` independent: ``P(A >= a) = q^(c a)`` and ``P(B >= b) = (q^b - q^c) / (1 - q^c)``
+    on ``[0, c)``. ``TA[a] = floor(q^(c a) 2^53)`` for ``a = 1 .. KA`` (the last positive one) and
+    ``TB[b] = floor(P(B >= b) 2^53)`` for ``b = 1 .. c - 1``; both padded with ``2^53`` at index 0
+    and ``0`` at the end, so they are descending. A uniform integer ``V`` in ``[1, 2^53]`` gives
+    ``A = max{a : TA[a] >= V}`` (``P(V <= t) = t / 2^53``). With ``K`` the steps until
+    ``q^k 2^53 < 1`` (K = 3,656 at p = 0.01, 36.7M at p = 1e-6): ``c = 1`` (so ``B = 0``, one
+    table of ``K`` entries) while ``K <= 2^16``, else ``c = ceil(sqrt(K))``, which keeps both
+    tables near ``sqrt(K)`` entries at any rate.
+    """
+    log_q = math.log1p(-p)
+    k_max = math.ceil(53.0 * math.log(2.0) / -log_q)
+    c = 1 if k_max <= _ONE_LEVEL_MAX else math.isqrt(k_max - 1) + 1
+    ta = [_TWO53]
+    while True:
+        t = math.floor(math.exp(c * len(ta) * log_q) * _TWO53)
+        if t < 1:
+            break
+        ta.append(t)
+    qc = math.exp(c * log_q)
+    tb = [_TWO53] + [math.floor((math.exp(b * log_q) - qc) / (1.0 - qc) * _TWO53) for b in range(1, c)]
+    return c, torch.tensor(ta + [0], dtype=torch.int64), torch.tensor(tb + [0], dtype=torch.int64), log_q, qc
+
+
+def _table_count(v: torch.Tensor, table: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """``max{k : table[k] >= v}`` (``table`` descending, ``table[0] >= v``, last entry 0).
+
+    ``estimate`` is a float64 inverse-CDF guess, within one of the answer; the two integer
+    comparisons make the result exact whatever the device's ``log`` rounds to.
+    """
+    k = estimate.floor_().to(torch.int64).clamp_(0, table.numel() - 2)
+    high = table.index_select(0, k) < v  # the guess is one too high
+    low = table.index_select(0, k + 1) >= v  # one too low
+    return k.sub_(high.to(torch.int64)).add_(low.to(torch.int64))
+
+
+def drop_positions(
+    n: int, p: float, generator: torch.Generator, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Sorted flat positions in ``[0, n)``, each included independently with probability ``p``.
 
-    Gaps between dropped positions are Geometric(p): ``floor(log(1 - u) / log(1 - p))`` for
-    float64 uniforms ``u`` drawn from ``generator`` (on the generator's device).
+    One int64 key is drawn from ``generator`` (a CPU ``torch.Generator``); the positions follow
+    from the key alone by the documented stream (module docstring), computed on ``device``
+    (default CPU) with integer ops, so every device and dtype gets the same positions. On a GPU
+    the count of positions below ``n`` is read back once per call (one synchronisation).
     """
-    dev = generator.device
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"dropout masks are drawn from a CPU torch.Generator (got one on {generator.device}); "
+            "the positions are then computed on the tensor's device"
+        )
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    key = int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
     if p <= 0.0 or n <= 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
-    inv_log_q = 1.0 / math.log1p(-p)
+    if p >= 1.0:
+        return torch.arange(n, dtype=torch.int64, device=dev)
+    c, ta, tb, log_q, qc = _gap_tables(float(p))
+    ta, tb = ta.to(dev), tb.to(dev)
     chunks: list[torch.Tensor] = []
-    start = 0
+    start = 0  # first position not yet covered
+    drawn = 0  # gaps drawn so far
     while start < n:
         mean = (n - start) * p
         m = int(mean + 6.0 * math.sqrt(mean) + 16)
-        u = torch.rand(m, generator=generator, dtype=torch.float64, device=dev)
-        gaps = torch.log1p(u.neg_()).mul_(inv_log_q).floor_().to(torch.int64).add_(1)
+        if c == 1:  # gap j from stream output j
+            va = splitmix64_u53(key, drawn, m, dev)
+        else:  # gap j from stream outputs 2j (A) and 2j + 1 (B)
+            v = splitmix64_u53(key, 2 * drawn, 2 * m, dev).view(m, 2).T
+            va, vb = v[0].contiguous(), v[1].contiguous()
+        u = va.to(torch.float64).mul_(2.0**-53)  # exact: va <= 2^53
+        gaps = _table_count(va, ta, u.log_().div_(c * log_q))
+        if c > 1:
+            u = vb.to(torch.float64).mul_((1.0 - qc) * 2.0**-53).add_(qc)
+            gaps.mul_(c).add_(_table_count(vb, tb, u.log_().div_(log_q)))
+        gaps.add_(1)
+        drawn += m
         pos = torch.cumsum(gaps, 0).add_(start - 1)  # sorted
         k = int(torch.searchsorted(pos, n))  # positions < n
         chunks.append(pos[:k])
@@ -108,7 +239,7 @@ def drop_positions(n: int, p: float, generator: torch.Generator) -> torch.Tensor
 
 def _dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Inverted dropout of ``x`` (a new tensor; ``x`` is untouched)."""
-    idx = drop_positions(x.numel(), p, generator).to(x.device)
+    idx = drop_positions(x.numel(), p, generator, device=x.device)
     # a Python-float scalar multiplies bf16/fp16 in float32 (opmath), so 1/(1-p) is not rounded
     y = x.mul(1.0 / (1.0 - p)).contiguous()
     y.view(-1).index_fill_(0, idx, 0)
@@ -116,9 +247,13 @@ def _dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Ten
 
 
 def _gaussian(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Multiplicative N(1, p/(1-p)) noise: the variance of inverted dropout at rate p."""
+    """Multiplicative N(1, p/(1-p)) noise: the variance of inverted dropout at rate p.
+
+    The noise is drawn on the CPU generator and copied to ``x``'s device (same numbers on every
+    device; on a GPU this kind costs a host-to-device copy of a dense tensor per site).
+    """
     sigma = math.sqrt(p / (1.0 - p))
-    noise = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32, device=generator.device)
+    noise = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32)
     noise = noise.to(x.device).mul_(sigma).add_(1.0)
     if x.dtype == torch.float32 or x.dtype in _LOW_PRECISION:
         return (x.float() * noise).to(x.dtype)
@@ -573,7 +708,7 @@ def run_trial(
 ) -> TrialResult:
     """One MC-dropout trial: T_max passes per batch, trace snapshots at every T in ``T_list``.
 
-    The generator (on the encoder's device) is re-seeded for pass t of batch b with
+    The (CPU) generator is re-seeded for pass t of batch b with
     ``pass_seed(seed, trial, b, t)``, so the T=4 snapshot of a T_max=16 run equals a T=4 run,
     and a trial does not depend on T_max. Masks do depend on the batching (batch size).
 
@@ -589,7 +724,7 @@ def run_trial(
         raise ValueError(f"T_list must hold positive pass counts, got {list(T_list)}")
     t_max = Ts[-1]
     snap_index = {t: i for i, t in enumerate(Ts)}
-    generator = torch.Generator(device=encoder.device)
+    generator = torch.Generator()  # CPU: the mask stream is device-independent (module docstring)
     generator.manual_seed(int(seed) + int(trial))
     pre_chunks: list[np.ndarray] = []
     post_chunks: list[np.ndarray] = []
@@ -637,7 +772,10 @@ def run_trial(
         "batch_size": batch_size,
         "T": Ts,
         "num_images": len(ids),
-        "rng": "SeedSequence([seed + trial, batch, t]) -> torch.Generator per pass; geometric-gap Bernoulli masks",
+        "rng": (
+            "SeedSequence([seed + trial, batch, t]) -> CPU torch.Generator per pass -> one key per site;"
+            " SplitMix64 + integer geometric gaps (device-independent Bernoulli masks)"
+        ),
     }
     return TrialResult(
         T=Ts,

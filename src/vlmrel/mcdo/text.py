@@ -146,7 +146,7 @@ def text_trial(
 
     if encoder.text is None:
         raise ValueError(f"model {encoder.name!r} has no text tower module for exp10")
-    generator = torch.Generator(device=encoder.device)
+    generator = torch.Generator()  # CPU: masks are device-independent (vlmrel.mcdo.dropout)
     out = []
     batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     bar = tqdm(
