@@ -225,18 +225,28 @@ def test_exp1_equal_rates_give_spearman_one(gate_run):
 
 def test_exp3_matched_gaussian_noise_gives_the_expected_trace_of_input_dropout(gate_run):
     """Multiplicative N(1, p/(1-p)) noise has the variance of inverted input dropout at rate p, so
-    (to first order in the noise) the same expected trace."""
+    (to first order in the noise) the same expected trace.
+
+    Two trials of 8 images at T = 8 are a small sample: over 20 trials of this config the ratio of
+    two-trial means spread from 0.87 to 1.19 (the mean ratio was 1.00 with the mask stream of
+    ``vlmrel.mcdo.dropout``). So the test bounds the ratio at 25 % and asks a paired t-test on the
+    per-image log ratios not to reject equality at the 0.1 % level.
+    """
+    from scipy import stats
+
     work, cfg, _ = gate_run
     base = work / "results" / cfg["run"] / "mcdo" / "exp3" / "tiny_clip"
-    mean_trace = {}
+    traces: dict[str, np.ndarray] = {}
     for kind in ("input", "gaussian"):
-        traces = []
+        per_trial = []
         for k in range(2):
             with np.load(base / kind / "p0.01" / f"trial{k}.npz", allow_pickle=False) as z:
-                traces.append(z["trace_pre"][-1])
-        mean_trace[kind] = float(np.mean(traces))
-    assert mean_trace["input"] > 0
-    assert mean_trace["gaussian"] == pytest.approx(mean_trace["input"], rel=0.15), mean_trace
+                per_trial.append(z["trace_pre"][-1])
+        traces[kind] = np.concatenate(per_trial)  # the same images in the same order in both kinds
+    assert np.all(traces["input"] > 0)
+    ratio = traces["gaussian"].mean() / traces["input"].mean()
+    assert ratio == pytest.approx(1.0, abs=0.25), ratio
+    assert stats.ttest_1samp(np.log(traces["gaussian"] / traces["input"]), 0.0).pvalue > 1e-3
     summary = json.loads((base / "summary.json").read_text())
     assert summary["types"] == ["input", "gaussian"]
 
