@@ -203,7 +203,11 @@ def test_write_pixels_round_trip_chunked(
         assert f.attrs["vlmrel_version"] == vlmrel.__version__
 
     meta = read_pixel_meta(out)
-    assert meta["n_images"] == 5 and meta["shape"] == [5, 3, 32, 32] and meta["spec"] == {**spec, "storage": "uint8"}
+    assert (
+        meta["n_images"] == 5
+        and meta["shape"] == [5, 3, 32, 32]
+        and meta["spec"] == {**spec, "storage": "uint8"}
+    )
     assert meta["preproc_key"] == preproc_key(spec)
 
     batches = list(iter_batches(out, batch_size=2))

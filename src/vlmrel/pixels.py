@@ -53,7 +53,7 @@ RESIZE_MODES = {"shortest_edge_center_crop": "crop", "squash": "squash"}
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 #: Upper bound on the bytes of one HDF5 chunk of ``pixels`` (rows x 3 x S x S uint8): 32 rows at
-#: 224 px (4.8 MB), 14 at 384 px; a batch read touches few chunks and the two-chunk cache holds them.
+#: 224 px (4.8 MB), 11 at 384 px; a batch read touches few chunks and the two-chunk cache holds them.
 _MAX_H5_CHUNK_BYTES = 5 * 1024 * 1024
 #: Rows per HDF5 chunk at most (the trials' usual batch size, and the writer's default block).
 H5_CHUNK_ROWS = 32

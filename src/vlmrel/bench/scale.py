@@ -17,7 +17,7 @@ linearly has b close to 1. Goals: every exponent <= 1.05, <= 0.16 MB per image a
 
 The default model is ``tiny_clip`` rebuilt at 224 px (open_clip's tiny ViT config with
 ``image_size`` 224, seeded random weights, CLIP preprocessing: the pixel file is the one a
-CLIP-224 model such as ``clip_b32`` would read), registered for this process only under
+CLIP-224 model such as ``clip_b32`` would read), registered for the run only as
 ``scale_tiny_clip224``; ``--model`` picks any registry model instead.
 
     python -m vlmrel.bench scale --json [--n 250 1000 4000] [--model NAME] [--T 4] [--batch-size 64]
@@ -26,6 +26,7 @@ CLIP-224 model such as ``clip_b32`` would read), registered for this process onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,9 @@ def generate_photos(folder: str | os.PathLike[str], n: int, seed: int = 0, quali
     return paths
 
 
-def register_bench_model(size: int) -> str:
-    """Register ``tiny_clip`` rebuilt at ``size`` px under :data:`BENCH_MODEL` (this process only)."""
+@contextlib.contextmanager
+def bench_model(size: int) -> Iterator[str]:
+    """``tiny_clip`` rebuilt at ``size`` px, registered as :data:`BENCH_MODEL` while the context lasts."""
     from vlmrel import models
 
     base = models.REGISTRY["tiny_clip"]
@@ -80,7 +83,10 @@ def register_bench_model(size: int) -> str:
         config=config,
         description=f"tiny_clip at {size} px (benchmark only)",
     )
-    return BENCH_MODEL
+    try:
+        yield BENCH_MODEL
+    finally:
+        models.REGISTRY.pop(BENCH_MODEL, None)
 
 
 def fit_exponent(ns: list[int], seconds: list[float]) -> float:
@@ -164,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     from vlmrel.models import preprocess_spec
 
     torch.set_num_threads(args.threads)
-    model = args.model or register_bench_model(args.size)
-    spec = preprocess_spec(model)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="vlmrel-scale-", dir=args.workdir) as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        model = args.model or stack.enter_context(bench_model(args.size))
+        spec = preprocess_spec(model)
+        work = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="vlmrel-scale-", dir=args.workdir))
+        )
         t0 = time.perf_counter()
         generate_photos(work / "photos", ns[-1], args.seed)
         gen_s = time.perf_counter() - t0
