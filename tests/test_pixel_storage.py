@@ -37,7 +37,14 @@ from vlmrel.pixels import (
     write_pixel_images,
 )
 
-SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry")  # RGB, RGB, ..., grey, RGB
+SKIMAGE = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "immunohistochemistry",
+)  # RGB, RGB, ..., grey, RGB
 
 
 def _photos() -> list[Image.Image]:
@@ -374,3 +381,45 @@ def test_scale_bench_runs_tiny(tmp_path):
     assert all(p >= 3 * 32 * 32 for p in per) and per[1] < per[0]
     assert list(tmp_path.glob("vlmrel-scale-*")) == []  # the scratch folder is removed
     assert scale.BENCH_MODEL not in REGISTRY  # registered for the run only
+
+
+def test_exp7_degraded_versions_score_as_with_float32_pixels(tmp_path):
+    """exp7 degrades after the crop and now hands uint8 to the encoder: its scores equal the
+    float32 path's (degraded image -> yesterday's float32 normalisation -> features)."""
+    from vlmrel.images import build_manifest, list_images
+    from vlmrel.mcdo import aleatoric
+    from vlmrel.pixels import iter_manifest_images
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for k, img in enumerate(_photos()[:4]):
+        img.convert("RGB").save(root / f"p{k}.png")
+    build_manifest(root, list_images(root), tmp_path / "manifest.tsv")
+    versions = ["clean", "blur3", "occlude20", "down4", "jpeg30"]
+    out = tmp_path / "aleatoric.npz"
+    kw = dict(versions=versions, num_images=None, seed=5, precision="fp32", batch_size=3, device="cpu")
+    aleatoric.score_job(
+        tmp_path / "manifest.tsv", root, out, model="tiny_clip", class_names="demo",
+        prompt_template="a photo of a {}.", **kw,
+    )  # fmt: skip
+    spec = preprocess_spec("tiny_clip")
+    enc = load_encoder("tiny_clip", device="cpu", precision="fp32")
+    ids, images = iter_manifest_images(tmp_path / "manifest.tsv", root)
+    ref_px = []
+    for image_id, img in zip(ids, images, strict=True):
+        base = resize_to_spec(img, spec)
+        for v in versions:
+            d = aleatoric.degrade(base, v, seed=5, image_id=image_id)
+            x = np.asarray(d, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+            x = (x - np.float32(spec["mean"])) / np.float32(spec["std"])
+            ref_px.append(x.transpose(2, 0, 1))
+    with torch.inference_mode():  # the job's batching (3), as BLAS results depend on the batch shape
+        feats = [
+            enc.encode_image(np.stack(ref_px[s : s + 3])).double().numpy() for s in range(0, len(ref_px), 3)
+        ]
+    feats = np.concatenate(feats).reshape(len(ids), len(versions), -1)
+    with np.load(out, allow_pickle=False) as z:
+        assert list(z["image_id"]) == ids
+        np.testing.assert_allclose(
+            z["aleatoric_pre"], aleatoric.aleatoric_variance(feats), rtol=1e-12, atol=0
+        )
