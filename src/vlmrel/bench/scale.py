@@ -16,11 +16,11 @@ exponent b of t = a * N^b for each stage (least squares of log t on log N): a st
 linearly has b close to 1. Goals: every exponent <= 1.05, <= 0.16 MB per image at 224 px.
 
 The default model is ``tiny_clip`` rebuilt at 224 px (open_clip's tiny ViT config with
-``image_size`` 224, seeded random weights, CLIP preprocessing: the pixel file is the one a
+``image_size`` 224 and patch 32, seeded random weights, CLIP preprocessing: the pixel file is the one a
 CLIP-224 model such as ``clip_b32`` would read), registered for the run only as
 ``scale_tiny_clip224``; ``--model`` picks any registry model instead.
 
-    python -m vlmrel.bench scale --json [--n 250 1000 4000] [--model NAME] [--T 4] [--batch-size 64]
+    python -m vlmrel.bench scale --json [--n 250 1000 4000] [--model NAME] [--T 2] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ def generate_photos(folder: str | os.PathLike[str], n: int, seed: int = 0, quali
         w, h = PHOTO_SIZES[int(rng.integers(len(PHOTO_SIZES)))]
         coarse = rng.uniform(0, 255, (int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3)).astype(np.uint8)
         field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-        yy, xx = np.mgrid[0:h, 0:w]
-        stripes = 40.0 * np.sin(2 * np.pi * rng.uniform(2, 30) * (xx * np.cos(i) + yy * np.sin(i)) / w)
-        noise = rng.normal(0.0, rng.uniform(2, 12), (h, w, 3))
-        arr = np.clip(field + stripes[..., None] * rng.uniform(0, 1) + noise, 0, 255).astype(np.uint8)
+        yy, xx = np.ogrid[0:h, 0:w]
+        freq = np.float32(2 * np.pi * rng.uniform(2, 30) / w)
+        stripes = np.float32(40 * rng.uniform(0, 1)) * np.sin(
+            freq * (xx * np.float32(np.cos(i)) + yy * np.float32(np.sin(i)))
+        )
+        noise = rng.standard_normal((h, w, 3), dtype=np.float32) * np.float32(rng.uniform(2, 12))
+        arr = np.clip(field + stripes[..., None] + noise, 0, 255).astype(np.uint8)
         path = folder / f"photo{i:05d}.jpg"
         Image.fromarray(arr).save(path, quality=quality)
         paths.append(path)
@@ -76,12 +79,13 @@ def bench_model(size: int) -> Iterator[str]:
     base = models.REGISTRY["tiny_clip"]
     config = json.loads(json.dumps(base.config))
     config["vision_cfg"]["image_size"] = int(size)
+    config["vision_cfg"]["patch_size"] = 32 if size % 32 == 0 else 16  # 49 patches at 224 px
     models.REGISTRY[BENCH_MODEL] = dataclasses.replace(
         base,
         name=BENCH_MODEL,
         preprocess=models._clip_preprocess(int(size)),
         config=config,
-        description=f"tiny_clip at {size} px (benchmark only)",
+        description=f"tiny_clip at {size} px, patch {config['vision_cfg']['patch_size']} (benchmark only)",
     )
     try:
         yield BENCH_MODEL
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[250, 1000, 4000], help="image counts")
     parser.add_argument("--model", default=None, help=f"registry model (default: {BENCH_MODEL})")
     parser.add_argument("--size", type=int, default=224, help="image size of the default model")
-    parser.add_argument("--T", type=int, default=4, help="passes of the trial")
+    parser.add_argument("--T", type=int, default=2, help="passes of the trial")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--p", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0, help="photo generation seed")
@@ -167,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vlmrel.models import preprocess_spec
+    from vlmrel.models import get_spec, preprocess_spec
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         model = args.model or stack.enter_context(bench_model(args.size))
         spec = preprocess_spec(model)
+        description = get_spec(model).description
         work = Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="vlmrel-scale-", dir=args.workdir))
         )
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "benchmark": "scale",
         "model": model,
+        "model_description": description,
         "image_size": spec["size"],
         "T": args.T,
         "batch_size": args.batch_size,
