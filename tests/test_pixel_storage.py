@@ -423,3 +423,24 @@ def test_exp7_degraded_versions_score_as_with_float32_pixels(tmp_path):
         np.testing.assert_allclose(
             z["aleatoric_pre"], aleatoric.aleatoric_variance(feats), rtol=1e-12, atol=0
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_are_pinned_and_normalise_bit_for_bit(tmp_path):
+    """On CUDA: pinned host batches, a non-blocking copy, and the device's normalisation equal to
+    numpy's (255 is a device tensor: CUDA would multiply by the reciprocal of a CPU scalar)."""
+    spec = preprocess_spec("tiny_clip")
+    photos = _photos()
+    px = tmp_path / "px.h5"
+    write_pixel_images([f"i{k}" for k in range(len(photos))], photos, spec, px, progress=False)
+    ref = np.stack([_float32_reference(img, spec) for img in photos])
+    enc = load_encoder("tiny_clip", device="cuda", precision="fp32")
+    got = []
+    for _, batch in prefetch_batches(px, 4, device=enc.device):
+        assert isinstance(batch, torch.Tensor) and batch.is_pinned() and batch.dtype == torch.uint8
+        got.append(enc.prepare(batch).cpu().numpy())
+    assert _bits_equal(np.concatenate(got), ref)
+    raw = np.zeros((1, 3, 16, 16), dtype=np.uint8)
+    raw[0] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    on_gpu = normalise_on_device(torch.from_numpy(raw).cuda(), spec).cpu().numpy()
+    assert _bits_equal(on_gpu, to_float32(raw, spec))
