@@ -358,11 +358,11 @@ def test_scale_bench_runs_tiny(tmp_path):
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rc = bench_main(["scale", "--json", "--n", "3", "6", "--T", "1", "--batch-size", "4", "--size", "32",
+        rc = bench_main(["scale", "--json", "--n", "3", "6", "--T", "1", "--batch-size", "4", "--size", "32", "--repeats", "2",
                          "--workdir", str(tmp_path)])  # fmt: skip
     assert rc == 0
     out = json.loads(buf.getvalue())
-    assert out["benchmark"] == "scale" and out["n"] == [3, 6]
+    assert out["benchmark"] == "scale" and out["n"] == [3, 6] and out["repeats"] == 2
     assert (
         out["model"] == scale.BENCH_MODEL
         and out["image_size"] == 32
@@ -375,7 +375,11 @@ def test_scale_bench_runs_tiny(tmp_path):
         assert s["seconds_per_image"] == pytest.approx(
             [t / n for t, n in zip(s["seconds"], [3, 6], strict=True)], abs=1e-3
         )
-        assert np.isfinite(s["exponent"])
+        assert (
+            np.isfinite(s["exponent"])
+            and np.isfinite(s["cpu_exponent"])
+            and all(c > 0 for c in s["cpu_seconds"])
+        )
     # uint8 storage: 3 x 32 x 32 bytes per image plus the file's fixed overhead, spread over N
     per = out["pixel_bytes_per_image"]
     assert all(p >= 3 * 32 * 32 for p in per) and per[1] < per[0]

@@ -14,6 +14,8 @@ Generates N seeded JPEG photos of ImageNet-like sizes (500x375, 375x500, 500x333
 It prints seconds per image for each stage, the pixel file's bytes per image, and the fitted
 exponent b of t = a * N^b for each stage (least squares of log t on log N): a stage that scales
 linearly has b close to 1. Goals: every exponent <= 1.05, <= 0.16 MB per image at 224 px.
+Wall time is what the goals judge; on a shared machine other processes' load moves it, so the
+process's CPU time and its exponent are given too, and ``--repeats`` keeps the least of R runs.
 
 The default model is ``tiny_clip`` rebuilt at 224 px (open_clip's tiny ViT config with
 ``image_size`` 224 and patch 32, seeded random weights, CLIP preprocessing: the pixel file is the one a
@@ -100,8 +102,22 @@ def fit_exponent(ns: list[int], seconds: list[float]) -> float:
     return float(np.polyfit(np.log(np.asarray(ns, float)), np.log(np.maximum(seconds, 1e-9)), 1)[0])
 
 
-def run_one(src: Path, work: Path, n: int, model: str, T: int, batch_size: int, p: float) -> dict[str, Any]:
-    """The four stages on the first ``n`` photos of ``src`` in a fresh folder under ``work``."""
+def _best_of(repeats: int, fn: Any) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn()``, each the least over ``repeats`` runs (CPU time counts every
+    thread of the process; it barely moves when other processes load the machine)."""
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(max(1, int(repeats))):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
+    return wall, cpu
+
+
+def run_one(
+    src: Path, work: Path, n: int, model: str, T: int, batch_size: int, p: float, repeats: int = 1
+) -> dict[str, Any]:
+    """The four stages on the first ``n`` photos of ``src`` in a fresh folder under ``work``, each
+    the best of ``repeats`` runs."""
     from vlmrel.images import build_manifest, list_images
     from vlmrel.mcdo.pipeline import trial
     from vlmrel.models import preprocess_spec
@@ -114,42 +130,40 @@ def run_one(src: Path, work: Path, n: int, model: str, T: int, batch_size: int, 
     manifest = work / f"n{n}" / "manifest.tsv"
     spec = preprocess_spec(model)
     pixels_h5 = work / f"n{n}" / "pixels" / f"{preproc_key(spec)}.h5"
-    seconds: dict[str, float] = {}
+    timed: dict[str, tuple[float, float]] = {}
 
-    t0 = time.perf_counter()
-    build_manifest(root, list_images(root), manifest)
-    seconds["manifest"] = time.perf_counter() - t0
+    timed["manifest"] = _best_of(repeats, lambda: build_manifest(root, list_images(root), manifest))
+    timed["pixels"] = _best_of(repeats, lambda: write_pixels(manifest, root, spec, pixels_h5, progress=False))
 
-    t0 = time.perf_counter()
-    write_pixels(manifest, root, spec, pixels_h5, progress=False)
-    seconds["pixels"] = time.perf_counter() - t0
+    def read() -> None:
+        rows = sum(len(ids) for ids, _ in prefetch_batches(pixels_h5, batch_size))
+        if rows != n:
+            raise RuntimeError(f"read {rows} rows of {pixels_h5}, expected {n}")
 
-    t0 = time.perf_counter()
-    rows = sum(len(ids) for ids, _ in prefetch_batches(pixels_h5, batch_size))
-    seconds["read"] = time.perf_counter() - t0
-    if rows != n:
-        raise RuntimeError(f"read {rows} rows of {pixels_h5}, expected {n}")
-
-    t0 = time.perf_counter()
-    trial(
-        pixels_h5,
-        work / f"n{n}" / "trial0.npz",
-        exp="scale",
-        model=model,
-        kind="input",
-        p=p,
-        k=0,
-        seed=0,
-        T=[T],
-        precision="fp32",
-        batch_size=batch_size,
-        num_images=None,
-        device="cpu",
+    timed["read"] = _best_of(repeats, read)
+    timed["trial"] = _best_of(
+        repeats,
+        lambda: trial(
+            pixels_h5,
+            work / f"n{n}" / "trial0.npz",
+            exp="scale",
+            model=model,
+            kind="input",
+            p=p,
+            k=0,
+            seed=0,
+            T=[T],
+            precision="fp32",
+            batch_size=batch_size,
+            num_images=None,
+            device="cpu",
+        ),
     )
-    seconds["trial"] = time.perf_counter() - t0
+    seconds = {k: v[0] for k, v in timed.items()}
+    cpu_seconds = {k: v[1] for k, v in timed.items()}
     size = pixels_h5.stat().st_size
     shutil.rmtree(root)  # the links; the next N gets its own
-    return {"n": n, "seconds": seconds, "pixel_file_bytes": size}
+    return {"n": n, "seconds": seconds, "cpu_seconds": cpu_seconds, "pixel_file_bytes": size}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0, help="photo generation seed")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each stage; the least time counts")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     ns = sorted({int(n) for n in args.n})
@@ -185,14 +200,20 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         generate_photos(work / "photos", ns[-1], args.seed)
         gen_s = time.perf_counter() - t0
-        runs = [run_one(work / "photos", work, n, model, args.T, args.batch_size, args.p) for n in ns]
+        runs = [
+            run_one(work / "photos", work, n, model, args.T, args.batch_size, args.p, args.repeats)
+            for n in ns
+        ]
     stages = {}
     for stage in ("manifest", "pixels", "read", "trial"):
         secs = [r["seconds"][stage] for r in runs]
+        cpu = [r["cpu_seconds"][stage] for r in runs]
         stages[stage] = {
             "seconds": [round(s, 3) for s in secs],
             "seconds_per_image": [round(s / r["n"], 6) for s, r in zip(secs, runs, strict=True)],
             "exponent": round(fit_exponent(ns, secs), 3),
+            "cpu_seconds": [round(s, 3) for s in cpu],
+            "cpu_exponent": round(fit_exponent(ns, cpu), 3),
         }
     bytes_per_image = [r["pixel_file_bytes"] / r["n"] for r in runs]
     mb = bytes_per_image[-1] / 1e6
@@ -214,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         "pixel_mb_per_image_at_224": round(mb_224, 4),
         "goals": {"max_exponent": 1.05, "max_mb_per_image_at_224": 0.16},
         "goals_met": bool(all(s["exponent"] <= 1.05 for s in stages.values()) and mb_224 <= 0.16),
+        "goals_met_cpu_time": bool(
+            all(s["cpu_exponent"] <= 1.05 for s in stages.values()) and mb_224 <= 0.16
+        ),
+        "repeats": args.repeats,
         "total_seconds": round(time.perf_counter() - started, 1),
         "load_average": list(os.getloadavg()),
     }
@@ -221,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         for stage, s in stages.items():
-            print(f"{stage:9s} s/image {s['seconds_per_image']}  exponent {s['exponent']}")
+            print(
+                f"{stage:9s} s/image {s['seconds_per_image']}  exponent {s['exponent']} (CPU {s['cpu_exponent']})"
+            )
         print(f"pixel file: {bytes_per_image[-1]:.0f} bytes/image ({mb_224:.4f} MB at 224 px)")
         print(f"goals met: {out['goals_met']}")
     return 0
