@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m vlmrel.bench anomaly --json
 	$(BIN)/python -m vlmrel.bench thresholds --json
 	$(BIN)/python -m vlmrel.bench vlm --json
+	$(BIN)/python -m vlmrel.bench scale --json
 
 clean-demo:
 	rm -rf results/demo .snakemake

@@ -22,6 +22,7 @@ from vlmrel.pixels import (
     preproc_key,
     preprocess,
     read_pixel_meta,
+    resize_to_spec,
     write_pixels,
 )
 
@@ -187,18 +188,26 @@ def test_write_pixels_round_trip_chunked(
     assert writes == [2, 2, 1]  # written chunk by chunk, never the whole array at once
 
     expected = np.stack([preprocess(load_rgb(root / rel), spec) for rel in ok["rel_path"]])
+    # the file stores the resized, cropped RGB values as uint8 (its spec says so); reads normalise
+    stored = np.stack(
+        [np.asarray(resize_to_spec(load_rgb(root / rel), spec)).transpose(2, 0, 1) for rel in ok["rel_path"]]
+    )
     with h5py.File(out, "r") as f:
-        assert f["pixels"].shape == (5, 3, 32, 32) and f["pixels"].dtype == np.float32
+        assert f["pixels"].shape == (5, 3, 32, 32) and f["pixels"].dtype == np.uint8
         assert f["pixels"].chunks[0] <= 2
         assert [s.decode() for s in f["image_id"][...]] == list(ok["image_id"])
-        np.testing.assert_array_equal(f["pixels"][...], expected)
-        assert json.loads(f.attrs["spec"]) == spec
+        np.testing.assert_array_equal(f["pixels"][...], stored)
+        assert json.loads(f.attrs["spec"]) == {**spec, "storage": "uint8"}
         assert f.attrs["preproc_key"] == preproc_key(spec)
         assert int(f.attrs["n_images"]) == 5
         assert f.attrs["vlmrel_version"] == vlmrel.__version__
 
     meta = read_pixel_meta(out)
-    assert meta["n_images"] == 5 and meta["shape"] == [5, 3, 32, 32] and meta["spec"] == spec
+    assert (
+        meta["n_images"] == 5
+        and meta["shape"] == [5, 3, 32, 32]
+        and meta["spec"] == {**spec, "storage": "uint8"}
+    )
     assert meta["preproc_key"] == preproc_key(spec)
 
     batches = list(iter_batches(out, batch_size=2))
@@ -269,7 +278,7 @@ def test_write_pixels_refuses_bad_input_and_is_atomic(
 
     # a failure part-way leaves neither the output nor a temporary file behind
     calls = {"n": 0}
-    real = pixels_mod.preprocess
+    real = pixels_mod.raw_pixels  # what the writer stores per image (uint8)
 
     def fail_on_fourth(img, s):
         calls["n"] += 1
@@ -277,7 +286,7 @@ def test_write_pixels_refuses_bad_input_and_is_atomic(
             raise RuntimeError("killed")
         return real(img, s)
 
-    monkeypatch.setattr(pixels_mod, "preprocess", fail_on_fourth)
+    monkeypatch.setattr(pixels_mod, "raw_pixels", fail_on_fourth)
     out_dir = tmp_path / "atomic"
     with pytest.raises(RuntimeError, match="killed"):
         write_pixels(manifest, root, spec, out_dir / "z.h5", chunk_size=2, progress=False)

@@ -7,8 +7,10 @@
 - attrs ``model``, ``precision``, ``preproc_key``, ``feature_dim``, ``n_images``,
   ``vlmrel_version``.
 
-Pixels are read batch by batch (:func:`vlmrel.pixels.iter_batches`), so memory follows the
-batch size, not the number of images. The file is written atomically.
+Pixels are read batch by batch, as their stored uint8 values, by the prefetching loader
+(:func:`vlmrel.pixels.prefetch_batches`) and normalised on the model's device by its
+``prepare``, so memory follows the batch size, not the number of images. The file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def compute_embeddings(
 
     import vlmrel
     from vlmrel.models import load_encoder, preprocess_spec
-    from vlmrel.pixels import PixelFile, preproc_key
+    from vlmrel.pixels import PixelFile, prefetch_batches, preproc_key
 
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         raise ValueError(f"teacher.embeddings.batch_size: must be a positive integer, got {batch_size!r}")
@@ -65,7 +67,7 @@ def compute_embeddings(
             bar = tqdm(total=n, desc=f"embed {model}", unit="img", file=sys.stderr, disable=not progress)
             start = 0
             with torch.no_grad():
-                for batch_ids, px in pf.iter_batches(int(batch_size)):
+                for batch_ids, px in prefetch_batches(pixels_path, int(batch_size), device=enc.device):
                     feats = enc.encode_image(px)
                     feats = torch.nn.functional.normalize(feats, dim=-1).cpu().numpy().astype(np.float32)
                     if not np.isfinite(feats).all():

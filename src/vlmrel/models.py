@@ -451,7 +451,15 @@ class Encoder:
         return f"Encoder({self.name!r}, precision={self.precision!r}, device={str(self.device)!r})"
 
     def prepare(self, pixels: Any) -> torch.Tensor:
-        """Pixels ``[B,3,S,S]`` (numpy or tensor) as a tensor on the model's device and dtype."""
+        """Pixels ``[B,3,S,S]`` (numpy or tensor) as a tensor on the model's device and dtype.
+
+        uint8 pixels (a pixel file's stored values, ``vlmrel.pixels.raw_pixels``) are copied to
+        the device as uint8 (``non_blocking`` from pinned memory) and normalised there with the
+        model's preprocessing mean and std: ``x.float() / 255``, then ``(x - mean) / std``, in
+        float32, the operations of ``vlmrel.pixels.to_float32`` in the same order, so the values
+        are bit-for-bit equal; then cast to the model's dtype. Floating-point pixels are taken as
+        already normalised.
+        """
         import torch
 
         x = torch.as_tensor(pixels)
@@ -460,8 +468,13 @@ class Encoder:
             raise ValueError(
                 f"model {self.name!r} expects pixels of shape [B, 3, {s}, {s}], got {list(x.shape)}"
             )
+        if x.dtype == torch.uint8:
+            x = x.to(device=self.device, non_blocking=x.device.type == "cpu" and x.is_pinned())
+            return normalise_on_device(x, self.spec.preprocess).to(dtype=self.dtype)
         if not torch.is_floating_point(x):
-            raise ValueError(f"model {self.name!r}: pixels must be floating point, got {x.dtype}")
+            raise ValueError(
+                f"model {self.name!r}: pixels must be uint8 (stored) or floating point (normalised), got {x.dtype}"
+            )
         return x.to(device=self.device, dtype=self.dtype)
 
     def encode_image(self, pixels: Any) -> torch.Tensor:
@@ -501,6 +514,22 @@ class Encoder:
         with torch.no_grad():  # not inference_mode: callers may update results in place
             out = self._text_fn(list(texts))
         return _as_tensor(out).float()
+
+
+def normalise_on_device(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
+    """uint8 pixels ``[B,3,S,S]`` as float32 ``(x / 255 - mean) / std`` on ``x``'s device.
+
+    Bit-for-bit :func:`vlmrel.pixels.to_float32`: the same IEEE float32 operations in the same
+    order. 255, mean and std are tensors on the device, not Python scalars: CUDA divides by a
+    CPU scalar as a multiplication by its reciprocal, which can differ in the last bit.
+    """
+    import torch
+
+    f32 = torch.float32
+    scale = torch.full((1, 1, 1, 1), 255.0, dtype=f32, device=x.device)
+    mean = torch.tensor(spec["mean"], dtype=f32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec["std"], dtype=f32, device=x.device).view(1, 3, 1, 1)
+    return (x.to(f32) / scale - mean) / std
 
 
 def _as_tensor(out: Any) -> torch.Tensor:

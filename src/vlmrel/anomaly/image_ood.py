@@ -113,7 +113,7 @@ def write_logits(
     """The classifier's logits on every item: ``logits`` [N, C] float32, ``ood`` [N], ``image_id``,
     ``group`` [N] and ``class_names`` [C], written atomically."""
     from vlmrel.models import load_encoder, preprocess_spec
-    from vlmrel.pixels import preprocess
+    from vlmrel.pixels import raw_pixels
 
     if n < 1:
         raise ValueError(f"anomaly.image_ood.n: must be >= 1, got {n}")
@@ -134,7 +134,7 @@ def write_logits(
             batch.clear()
 
     for image_id, group, img in _items(manifest_tsv, root, textures, kinds, n, seed):
-        batch.append(preprocess(img, spec))
+        batch.append(raw_pixels(img, spec))  # uint8; the encoder normalises on its device
         ids.append(image_id)
         groups.append(group)
         if len(batch) >= batch_size:

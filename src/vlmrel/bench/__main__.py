@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("mcdo", "anomaly", "thresholds", "vlm")
+BENCHMARKS = ("mcdo", "anomaly", "thresholds", "vlm", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:

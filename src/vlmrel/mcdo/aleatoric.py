@@ -184,7 +184,7 @@ def score_job(
     from vlmrel.mcdo import targets as tg
     from vlmrel.mcdo.laplace import save_scores
     from vlmrel.models import load_encoder, preprocess_spec
-    from vlmrel.pixels import iter_manifest_images, normalise
+    from vlmrel.pixels import image_array, iter_manifest_images
 
     versions = ["clean", *[v for v in versions if v != "clean"]]
     for v in versions:
@@ -209,7 +209,7 @@ def score_job(
         desc=f"{model} degraded versions",
         mininterval=1.0,
     ):
-        batch.append(normalise(img, spec))
+        batch.append(image_array(img))  # uint8; the encoder normalises on its device
         if len(batch) == batch_size:
             flush()
     flush()

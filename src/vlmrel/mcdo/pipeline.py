@@ -49,7 +49,7 @@ def trial(
     ``depthwise``: depthwise convolutions are injection sites too (CNNs; Linear and 1x1 convs always are)."""
     from vlmrel.mcdo.dropout import run_trial, save_trial
     from vlmrel.models import load_encoder
-    from vlmrel.pixels import images_to_use, iter_batches
+    from vlmrel.pixels import images_to_use, prefetch_batches
 
     n = images_to_use(pixels_h5, num_images)
     collector = None
@@ -61,7 +61,7 @@ def trial(
     started = time.perf_counter()
     result = run_trial(
         encoder,
-        iter_batches(pixels_h5, batch_size, indices=range(n)),
+        prefetch_batches(pixels_h5, batch_size, indices=range(n), device=encoder.device),
         p=float(p),
         seed=seed,
         trial=int(k),
@@ -137,7 +137,7 @@ def zero_shot_quantities(
     import torch
 
     from vlmrel.mcdo import ambiguity as amb
-    from vlmrel.pixels import iter_batches
+    from vlmrel.pixels import prefetch_batches
 
     names = amb.load_class_names(class_names)
     txt, reason = amb.text_features_or_reason(
@@ -147,7 +147,7 @@ def zero_shot_quantities(
         raise ValueError(f"model {encoder.name!r}: {reason}")
     feats, ids = [], []
     with torch.inference_mode():
-        for batch_ids, pixels in iter_batches(pixels_h5, batch_size, indices=range(n)):
+        for batch_ids, pixels in prefetch_batches(pixels_h5, batch_size, range(n), device=encoder.device):
             feats.append(encoder.encode_image(pixels).float().cpu().numpy())
             ids.extend(batch_ids)
     img = np.concatenate(feats)
@@ -185,14 +185,14 @@ def rate_search(
     from vlmrel.mcdo import concrete
     from vlmrel.mcdo.dropout import versions
     from vlmrel.models import load_encoder
-    from vlmrel.pixels import images_to_use, iter_batches
+    from vlmrel.pixels import images_to_use, prefetch_batches
 
     n = images_to_use(pixels_h5, num_images)
     encoder = load_encoder(model, device=device, precision=precision)
     ids, zero_shot = zero_shot_quantities(encoder, pixels_h5, n, class_names, batch_size)
     arrays = concrete.run_search(
         encoder,
-        lambda: iter_batches(pixels_h5, batch_size, indices=range(n)),
+        lambda: prefetch_batches(pixels_h5, batch_size, indices=range(n), device=encoder.device),
         zero_shot=zero_shot,
         p=float(p),
         seed=seed,
@@ -342,7 +342,7 @@ def ambiguity(
     from vlmrel.io import atomic_path
     from vlmrel.mcdo import ambiguity as amb
     from vlmrel.models import load_encoder
-    from vlmrel.pixels import iter_batches
+    from vlmrel.pixels import prefetch_batches
 
     ids, scores = {}, {}
     for space in ("pre", "post"):
@@ -370,7 +370,9 @@ def ambiguity(
         return summary
     feats, seen = [], []
     with torch.inference_mode():
-        for batch_ids, pixels in iter_batches(pixels_h5, batch_size, indices=range(len(image_id))):
+        for batch_ids, pixels in prefetch_batches(
+            pixels_h5, batch_size, range(len(image_id)), device=encoder.device
+        ):
             feats.append(encoder.encode_image(pixels).float().cpu().numpy())
             seen.extend(batch_ids)
     if seen != image_id:
@@ -436,11 +438,13 @@ def _head_ambiguity(
 ) -> dict[str, Any]:
     """exp5 for a classifier: its own head's softmax against the MC-dropout uncertainty."""
     from vlmrel.mcdo import ambiguity as amb
-    from vlmrel.pixels import iter_batches
+    from vlmrel.pixels import prefetch_batches
     from vlmrel.stats import softmax
 
     logits, seen = [], []
-    for batch_ids, pixels in iter_batches(pixels_h5, batch_size, indices=range(len(image_id))):
+    for batch_ids, pixels in prefetch_batches(
+        pixels_h5, batch_size, range(len(image_id)), device=encoder.device
+    ):
         logits.append(encoder.logits(pixels).double().cpu().numpy())
         seen.extend(batch_ids)
     if seen != image_id:

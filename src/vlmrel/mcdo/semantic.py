@@ -149,7 +149,7 @@ def semantic_trial(
     from vlmrel.mcdo import targets as tg
     from vlmrel.mcdo.dropout import run_trial, versions
     from vlmrel.models import load_encoder
-    from vlmrel.pixels import images_to_use, iter_batches
+    from vlmrel.pixels import images_to_use, prefetch_batches
 
     n = images_to_use(pixels_h5, num_images)
     encoder = load_encoder(model, device=device, precision=precision)
@@ -170,7 +170,7 @@ def semantic_trial(
     collector = SemanticCollector(n, int(max(T)), basis, unit)
     result = run_trial(
         encoder,
-        iter_batches(pixels_h5, batch_size, indices=range(n)),
+        prefetch_batches(pixels_h5, batch_size, indices=range(n), device=encoder.device),
         p=float(p),
         seed=seed,
         trial=int(k),

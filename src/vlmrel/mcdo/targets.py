@@ -96,13 +96,13 @@ def deterministic_features(
     """Image ids and features [N, D] (float64, before normalisation) with dropout off."""
     import torch
 
-    from vlmrel.pixels import images_to_use, iter_batches
+    from vlmrel.pixels import images_to_use, prefetch_batches
 
     n = images_to_use(pixels_h5, n)
     ids: list[str] = []
     feats = []
     with torch.inference_mode():
-        for batch_ids, pixels in iter_batches(pixels_h5, batch_size, indices=range(n)):
+        for batch_ids, pixels in prefetch_batches(pixels_h5, batch_size, range(n), device=encoder.device):
             feats.append(encoder.encode_image(pixels).double().cpu().numpy())
             ids.extend(str(i) for i in batch_ids)
     return ids, np.concatenate(feats)
