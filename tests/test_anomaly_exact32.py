@@ -66,8 +66,8 @@ def test_many_refinement_passes_give_the_same_result(max_refine_mb):
 
 @pytest.mark.parametrize("max_refine_mb", [0.2, 64.0])
 def test_dense_and_sparse_bins_together(max_refine_mb):
-    # a narrow range puts tens of thousands of pixels in a few coarse bins (counted in uint8
-    # tables), the tails leave sparse bins; a small budget splits them over several passes
+    # a narrow range puts ~100,000 pixels in each of two coarse bins, the tails leave sparse
+    # bins; a small budget counts the full bins in uint8 tables and splits them over passes
     rng = np.random.default_rng(12)
     y = rng.random(200_000) < 0.2
     s = (1.0 + 0.002 * rng.standard_normal(200_000) + 0.001 * y).astype(np.float32)
@@ -76,8 +76,10 @@ def test_dense_and_sparse_bins_together(max_refine_mb):
     acc.update(s, y)
     groups = acc.plan()
     refined = acc.refined_bins()
-    assert acc._dense_bin[refined].any() and not acc._dense_bin[refined].all()
-    assert (groups > 1) == (max_refine_mb < 1)
+    if max_refine_mb < 1:
+        assert acc._dense_bin[refined].sum() == 2 and groups > 1
+    else:  # every pixel's low key fits the budget: one pass, no tables
+        assert not acc._dense_bin.any() and groups == 1
     for g in range(groups):
         acc.start_group(g)
         acc.refine(s, y)
@@ -89,8 +91,7 @@ def test_dense_and_sparse_bins_together(max_refine_mb):
 @pytest.mark.parametrize("layout", ["dense", "sparse", "auto"])
 def test_table_cells_past_256_and_65536_pixels(monkeypatch, layout):
     # a uint8 table cell wraps every 256 pixels; the wraps are logged and added back
-    if layout != "auto":  # every refined bin in tables, or every one as sorted pixels
-        monkeypatch.setattr(E, "SPARSE_BYTES", 10**9 if layout == "dense" else 0)
+    monkeypatch.setattr(E, "LAYOUT", layout)  # "dense": every refined bin in a uint8 table
     one = np.float32(1.0)
     up1 = np.nextafter(one, np.float32(2))
     up2 = np.nextafter(up1, np.float32(2))
@@ -106,11 +107,11 @@ def test_table_cells_past_256_and_65536_pixels(monkeypatch, layout):
     y = np.r_[y, rng.random(10_000) < 0.3]
     order = rng.permutation(s.size)
     s, y = s[order], y[order]
-    acc = E.Float32Exact(max_refine_mb=0.3)
+    acc = E.Float32Exact(max_refine_mb=0.2)  # "auto": too small for all pixels, the full bin dense
     acc.update(s, y)
     acc.plan()
     assert acc._dense_bin[acc.refined_bins()].any() == (layout != "sparse")
-    got = E.exact_metrics_float32(s, y, method="passes", max_refine_mb=0.3)
+    got = E.exact_metrics_float32(s, y, method="passes", max_refine_mb=0.2)
     assert_equal_sklearn(got, s, y)
     ref = E._sorted_metrics(s, y, 0.95)  # the numpy reference: one sort of all keys
     for k in ("auroc", "aupr", "fpr95", "n_anomaly", "n_normal"):
@@ -120,8 +121,7 @@ def test_table_cells_past_256_and_65536_pixels(monkeypatch, layout):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("layout", ["dense", "sparse", "auto"])
 def test_kernels_equal_the_numpy_sort_reference(monkeypatch, seed, layout):
-    if layout != "auto":
-        monkeypatch.setattr(E, "SPARSE_BYTES", 10**9 if layout == "dense" else 0)
+    monkeypatch.setattr(E, "LAYOUT", layout)
     rng = np.random.default_rng(seed)
     s, y = ulp_ties(rng, 60_000, [0.02, 0.3, 0.7][seed])
     s[: 20_000] = (rng.standard_normal(20_000) * 10.0 ** rng.integers(-30, 30, 20_000)).astype(np.float32)
@@ -215,7 +215,7 @@ def test_streamed_chunks_and_valid_mask_equal_in_memory(monkeypatch):
 @pytest.mark.parametrize("n_refine", [0.5, 2])
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
 def test_refinement_on_other_data_is_an_error(monkeypatch, n_refine, layout):
-    monkeypatch.setattr(E, "SPARSE_BYTES", 10**9 if layout == "dense" else 0)
+    monkeypatch.setattr(E, "LAYOUT", layout)
     rng = np.random.default_rng(2)
     s = rng.standard_normal(1000).astype(np.float32)
     y = rng.random(1000) < 0.3

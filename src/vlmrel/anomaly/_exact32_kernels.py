@@ -58,20 +58,37 @@ def coarse_pass(u, y, v, coarse):  # type: ignore[no-untyped-def]
     return nan
 
 
-@njit(**_OPTS)
-def refine_pass(u, y, v, slot_of_bin, dense_off, table, ovf, n_ovf, seg, seg_ptr, seg_end):  # type: ignore[no-untyped-def]
-    """Count the pixels of the group's bins by value and label; returns ``(n_ovf, error)``.
+@njit(inline="always")
+def _flush(table, off, buf, lo, hi, ovf, n_ovf):  # type: ignore[no-untyped-def]
+    """Add the cells ``off + 2 * buf[lo:hi]`` of a uint8 table; log each wrap 255 -> 0 in ``ovf``."""
+    err = 0
+    for j in range(lo, hi):
+        c = off + 2 * np.int64(buf[j])
+        t = table[c] + 1
+        table[c] = t  # uint8: 256 stores 0
+        if t == WRAP:
+            if n_ovf < ovf.size:
+                ovf[n_ovf] = c
+                n_ovf += 1
+            else:
+                err = 1
+    return n_ovf, err
 
-    ``slot_of_bin`` int32 [65536]: the bin's slot in this group, or -1. A *dense* slot
-    (``dense_off[slot] >= 0``) counts in ``table[dense_off + low * 2 + label]`` (uint8, in place);
-    a cell's wrap from 255 to 0 appends the cell to ``ovf`` (int64; ``n_ovf`` entries so far).
-    A *sparse* slot appends ``low * 2 + label`` (uint32) at ``seg[seg_ptr[slot]]``; its
-    segment ends at ``seg_end[slot]`` (the coarse count). ``error``: 1 when a segment or ``ovf``
-    would overflow (the pass sees more pixels than the coarse pass), 2 on NaN.
+
+@njit(**_OPTS)
+def refine_pass(u, y, v, slot_of_bin, dense_off, table, ovf, n_ovf, buf, ptr, start, end):  # type: ignore[no-untyped-def]
+    """Collect the low 16 key bits of the group's pixels; returns ``(n_ovf, error)``.
+
+    ``slot_of_bin`` int32 [65536]: the bin's slot in this group, or -1. Slot ``k``'s pixels of
+    label ``l`` append their low key (uint16) to their own stretch ``buf[start[j]:end[j]]`` at
+    ``ptr[j]``, ``j = 2 k + l``. A *sparse* slot's stretches hold all its pixels (the coarse
+    counts). A *dense* slot's (``dense_off[k] >= 0``) are buffers, flushed into its uint8 table
+    ``table[dense_off[k] + 2 * low + l]`` when full; a cell's wrap from 255 to 0 appends the
+    cell to ``ovf`` (int64; ``n_ovf`` entries so far). ``error``: 1 when a sparse stretch or
+    ``ovf`` would overflow (the pass sees more pixels than the coarse pass), 2 on NaN.
     """
     masked = v.size > 0
     err = 0
-    cap = ovf.size
     for i in range(u.size):
         if masked and v[i] == 0:
             continue
@@ -80,28 +97,22 @@ def refine_pass(u, y, v, slot_of_bin, dense_off, table, ovf, n_ovf, seg, seg_ptr
             err = 2
             continue
         k = _key(b)
-        sl = slot_of_bin[k >> 16]
+        sl = np.int64(slot_of_bin[k >> 16])
         if sl < 0:
             continue
-        cell = ((k & 0xFFFF) << 1) | (1 if y[i] != 0 else 0)
-        off = dense_off[sl]
-        if off >= 0:
-            c = off + cell
-            t = table[c] + 1
-            table[c] = t  # uint8: 256 stores 0
-            if t == WRAP:
-                if n_ovf < cap:
-                    ovf[n_ovf] = c
-                    n_ovf += 1
-                else:
-                    err = 1
-        else:
-            p = seg_ptr[sl]
-            if p < seg_end[sl]:
-                seg[p] = cell
-                seg_ptr[sl] = p + 1
-            else:
+        lab = 1 if y[i] != 0 else 0
+        j = 2 * sl + lab
+        p = ptr[j]
+        if p == end[j]:
+            off = dense_off[sl]
+            if off < 0:
                 err = 1
+                continue
+            n_ovf, e = _flush(table, off + lab, buf, start[j], p, ovf, n_ovf)
+            err = max(err, e)
+            p = start[j]
+        buf[p] = k & 0xFFFF
+        ptr[j] = p + 1
     return n_ovf, err
 
 
@@ -122,18 +133,26 @@ def _value(ng, ps, cpos, cneg, a, b2, ap, t0, f0, P, level, cross, fpc):  # type
 
 
 @njit(**_OPTS)
-def finish_group(table, dense_off, ovf, n_ovf, seg, seg_start, seg_ptr, t0, f0, P, level, cross_slot,
+def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level, cross_slot, sort_below,
                  out_pos, out_neg, out_a, out_b, out_ap):  # type: ignore[no-untyped-def]
     """Walk every slot's values from the highest down; per slot, write its totals and terms.
 
-    ``t0``/``f0`` int64 per slot: anomalies/normals in higher bins. Per slot: ``out_pos``/
-    ``out_neg`` the pixels counted, ``out_a`` = sum_v neg_v pos_above_v, ``out_b`` = sum_v neg_v
-    pos_v, ``out_ap`` = sum_v pos_v tp_v / (tp_v + fp_v). Sparse segments are sorted in place.
-    Returns the false positives where ``tp / P`` first reaches ``level`` in slot ``cross_slot``
-    (-1 when it is not in this group).
+    A dense slot's buffers are flushed first; its counts are the table plus 256 per logged wrap.
+    A sparse slot's stretches are counted in a table of the bin (``sort_below`` pixels or more)
+    or sorted in place and merged. ``t0``/``f0`` int64 per slot: anomalies/normals in higher
+    bins. Per slot: ``out_pos``/``out_neg`` the pixels counted, ``out_a`` = sum_v neg_v
+    pos_above_v, ``out_b`` = sum_v neg_v pos_v, ``out_ap`` = sum_v pos_v tp_v / (tp_v + fp_v).
+    Returns ``(fp, error)``: the false positives where ``tp / P`` first reaches ``level`` in slot
+    ``cross_slot`` (-1 when it is not in this group), and 1 when ``ovf`` overflowed.
     """
+    err = 0
+    for k in range(dense_off.size):
+        if dense_off[k] >= 0:
+            for lab in range(2):
+                n_ovf, e = _flush(table, dense_off[k] + lab, buf, start[2 * k + lab], ptr[2 * k + lab], ovf, n_ovf)
+                err = max(err, e)
     o = np.sort(ovf[:n_ovf])
-    cnt = np.empty(SUB, np.int64)
+    cnt = np.zeros(SUB, np.int64)
     fpc = np.int64(-1)
     for k in range(dense_off.size):
         cross = k == cross_slot
@@ -144,37 +163,48 @@ def finish_group(table, dense_off, ovf, n_ovf, seg, seg_start, seg_ptr, t0, f0, 
         b2 = np.int64(0)
         ap = 0.0
         off = dense_off[k]
-        if off >= 0:
-            for j in range(SUB):
-                cnt[j] = table[off + j]
-            lo = np.searchsorted(o, off)
-            hi = np.searchsorted(o, off + SUB)
-            for j in range(lo, hi):
-                cnt[o[j] - off] += WRAP
+        neg = buf[start[2 * k] : ptr[2 * k]]
+        pos = buf[start[2 * k + 1] : ptr[2 * k + 1]]
+        if off >= 0 or neg.size + pos.size >= sort_below:
+            if off >= 0:
+                for j in range(SUB):
+                    cnt[j] = table[off + j]
+                lo = np.searchsorted(o, off)
+                hi = np.searchsorted(o, off + SUB)
+                for j in range(lo, hi):
+                    cnt[o[j] - off] += WRAP
+            else:
+                for j in range(neg.size):
+                    cnt[2 * np.int64(neg[j])] += 1
+                for j in range(pos.size):
+                    cnt[2 * np.int64(pos[j]) + 1] += 1
             for low in range(NBINS - 1, -1, -1):
                 ng = cnt[2 * low]
                 ps = cnt[2 * low + 1]
                 if ng == 0 and ps == 0:
                     continue
+                cnt[2 * low] = 0
+                cnt[2 * low + 1] = 0
                 cpos, cneg, a, b2, ap, fpc = _value(ng, ps, cpos, cneg, a, b2, ap, tk, fk, P, level, cross, fpc)
         else:
-            sg = seg[seg_start[k] : seg_ptr[k]]
-            sg.sort()
-            j = sg.size - 1
-            while j >= 0:
-                val = sg[j] >> 1
+            neg.sort()
+            pos.sort()
+            i0 = neg.size - 1
+            i1 = pos.size - 1
+            while i0 >= 0 or i1 >= 0:
+                val = max(np.int64(neg[i0]) if i0 >= 0 else -1, np.int64(pos[i1]) if i1 >= 0 else -1)
                 ng = np.int64(0)
                 ps = np.int64(0)
-                while j >= 0 and (sg[j] >> 1) == val:
-                    if sg[j] & 1:
-                        ps += 1
-                    else:
-                        ng += 1
-                    j -= 1
+                while i0 >= 0 and neg[i0] == val:
+                    ng += 1
+                    i0 -= 1
+                while i1 >= 0 and pos[i1] == val:
+                    ps += 1
+                    i1 -= 1
                 cpos, cneg, a, b2, ap, fpc = _value(ng, ps, cpos, cneg, a, b2, ap, tk, fk, P, level, cross, fpc)
         out_pos[k] = cpos
         out_neg[k] = cneg
         out_a[k] = a
         out_b[k] = b2
         out_ap[k] = ap
-    return fpc
+    return fpc, err

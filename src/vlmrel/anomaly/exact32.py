@@ -49,6 +49,7 @@ or with the accumulator: ``update`` every chunk, then for ``g in range(acc.plan(
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from collections.abc import Callable, Iterable
 
@@ -56,14 +57,29 @@ import numpy as np
 
 NBINS = 1 << 16
 SUB = 1 << 17  # (value, label) cells per refined bin: 65536 low keys x (normal, anomaly)
+SPARSE_BYTES = 2  # per pixel of a sparse bin: its low key (uint16), in a stretch per label
 TABLE_BYTES = SUB  # a dense bin's table: one uint8 per cell
+BUFFER = 1 << 12  # low keys a dense bin buffers per label before adding them to its table
 OVF_BYTES = 8  # per logged wrap of a dense cell (int64 cell index; at most pixels / 256 of them)
-SPARSE_BYTES = 4  # per pixel of a sparse bin (uint32 low key x 2 + label)
-FINISH_BYTES = SUB * 8  # the int64 counts of one dense bin while it is reduced
+SORT_BELOW = 1 << 11  # a sparse bin with fewer pixels is sorted, a fuller one counted in a table
+LAYOUT = "auto"  # "auto": dense bins only where the budget needs them; "dense"/"sparse" (tests)
 CHUNK = 1 << 20  # pixels converted to float32 at a time when the scores are another dtype
 _NEG_ZERO = np.uint32(0x7FFFFFFF)
 _POS_ZERO = np.uint32(0x80000000)
 _NO_MASK = np.zeros(0, dtype=np.uint8)
+
+
+def _fresh_uint16(n: int) -> np.ndarray:
+    """An uninitialized uint16 array in pages the kernel maps up front, in 4 KB pages.
+
+    The refinement pass writes every element once, in thousands of interleaved streams; faulting
+    a large ``np.empty`` in on first touch, in transparent huge pages (which numpy asks for),
+    costs more than the pass itself on some machines.
+    """
+    if n * 2 < 1 << 22 or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return np.empty(n, dtype=np.uint16)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, n * 2, flags=flags), dtype=np.uint16)
 
 
 def _kernels():  # type: ignore[no-untyped-def]
@@ -201,8 +217,11 @@ class Float32Exact:
     def plan(self) -> int:
         """Group the refined bins under ``max_refine_mb``; the number of refinement passes.
 
-        A refined bin costs ``SPARSE_BYTES`` per pixel (sparse), or a uint8 table of ``SUB``
-        cells plus ``OVF_BYTES`` per 256 pixels (dense), whichever is less; bins are grouped in
+        A refined bin costs ``SPARSE_BYTES`` per pixel as a *sparse* bin (its pixels' low keys,
+        fastest), or as a *dense* bin a uint8 table of ``SUB`` cells, buffers of ``BUFFER`` low
+        keys per label and ``OVF_BYTES`` per 256 pixels (bounded per bin). Bins are sparse while
+        all of them fit ``max_refine_mb``; past that, the bins that save most as tables become
+        dense until the rest fits, or every bin that saves is dense. Bins are then grouped in
         descending order while their costs fit ``max_refine_mb`` (a bin over it is a group alone).
         """
         if self._groups is None:
@@ -211,11 +230,23 @@ class Float32Exact:
             if np.any(c[:, 0].astype(np.float64) * c[:, 1] >= 2.0**62):
                 raise OverflowError("a coarse bin holds more than 2^31 pixels of each class")
             n = c.sum(axis=1)
-            dense_cost = TABLE_BYTES + OVF_BYTES * (n // 256)
-            self._dense_bin = np.zeros(NBINS, dtype=bool)  # bins counted in a table
-            self._dense_bin[refined] = dense_cost < SPARSE_BYTES * n
-            need = np.where(self._dense_bin[refined], dense_cost, SPARSE_BYTES * n)
             budget = self.max_refine_mb * 2**20
+            sparse_cost = SPARSE_BYTES * n
+            dense_cost = TABLE_BYTES + 2 * SPARSE_BYTES * BUFFER + OVF_BYTES * (n // 256)
+            dense = np.zeros(refined.size, dtype=bool)
+            if LAYOUT == "dense":
+                dense[:] = True
+            elif LAYOUT == "auto" and sparse_cost.sum() > budget:
+                # the bins that save the most memory as tables, until the rest fits one pass
+                gain = sparse_cost - dense_cost
+                order = np.argsort(-gain, kind="stable")
+                order = order[gain[order] > 0]
+                left = sparse_cost.sum() - np.cumsum(gain[order])
+                fits = left <= budget
+                dense[order[: int(np.argmax(fits)) + 1 if fits.any() else order.size]] = True
+            self._dense_bin = np.zeros(NBINS, dtype=bool)  # bins counted in a table
+            self._dense_bin[refined] = dense
+            need = np.where(dense, dense_cost, sparse_cost)
             self._groups, start, used = [], 0, 0.0
             for i, b in enumerate(need):
                 if i > start and used + b > budget:
@@ -241,7 +272,7 @@ class Float32Exact:
     # ---- refinement passes -----------------------------------------------------------------------
 
     def start_group(self, g: int) -> None:
-        """Allocate group ``g``'s counts: uint8 tables (dense bins) and pixel segments (sparse bins)."""
+        """Allocate group ``g``'s counts: uint8 tables and buffers (dense bins), pixel stretches (sparse)."""
         self.plan()
         assert self._groups is not None
         bins = self._groups[g]
@@ -254,11 +285,12 @@ class Float32Exact:
         self._table = np.zeros(int(dense.sum()) * SUB, dtype=np.uint8)
         self._ovf = np.zeros(int((n[dense] // 256).sum()), dtype=np.int64)
         self._n_ovf = 0
-        sparse_n = np.where(dense, 0, n)
-        self._seg_end = np.cumsum(sparse_n).astype(np.int64)
-        self._seg_start = self._seg_end - sparse_n
-        self._seg_ptr = self._seg_start.copy()
-        self._seg = np.empty(int(sparse_n.sum()), dtype=np.uint32)
+        n2 = self.coarse.reshape(NBINS, 2)[bins]  # (normals, anomalies) per slot
+        size = np.where(dense[:, None], BUFFER, n2).reshape(-1)  # a sparse stretch holds all
+        self._end = np.cumsum(size).astype(np.int64)
+        self._start = self._end - size
+        self._ptr = self._start.copy()
+        self._buf = _fresh_uint16(int(size.sum()))
         self._refine_error = 0
 
     def refine(self, scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None) -> None:
@@ -268,7 +300,7 @@ class Float32Exact:
         for u, y, v, _ok in _chunks(scores, is_anomaly, valid):
             self._n_ovf, err = K.refine_pass(
                 u, y, v, self._slot, self._dense_off, self._table, self._ovf, self._n_ovf,
-                self._seg, self._seg_ptr, self._seg_end,
+                self._buf, self._ptr, self._start, self._end,
             )
             self._refine_error = max(self._refine_error, int(err))
 
@@ -290,12 +322,14 @@ class Float32Exact:
         cross = np.flatnonzero(bins == self._cross_bin) if self._cross_bin is not None else []
         out = {k: np.zeros(bins.size, np.int64) for k in ("pos", "neg", "a", "b")}
         ap = np.zeros(bins.size, np.float64)
-        fpc = _kernels().finish_group(
-            self._table, self._dense_off, self._ovf, self._n_ovf, self._seg, self._seg_start,
-            self._seg_ptr, t0_d[at].astype(np.int64), f0_d[at].astype(np.int64), max(P, 1),
-            self.tpr_level, int(cross[0]) if len(cross) else -1,
+        fpc, err = _kernels().finish_group(
+            self._table, self._dense_off, self._ovf, self._n_ovf, self._buf, self._start,
+            self._ptr, t0_d[at].astype(np.int64), f0_d[at].astype(np.int64), max(P, 1),
+            self.tpr_level, int(cross[0]) if len(cross) else -1, SORT_BELOW,
             out["pos"], out["neg"], out["a"], out["b"], ap,
         )
+        if err:
+            raise RuntimeError("the refinement pass saw other data than the coarse pass (more pixels)")
         bad = np.flatnonzero((out["pos"] != pos_d[at]) | (out["neg"] != neg_d[at]))
         if bad.size:
             k = int(bad[0])
@@ -311,7 +345,7 @@ class Float32Exact:
         if fpc >= 0:
             self._fp_at_cross = int(fpc)
         self._group = None
-        self._table = self._ovf = self._seg = np.zeros(0, dtype=np.uint8)
+        self._table = self._ovf = self._buf = np.zeros(0, dtype=np.uint8)
         self._done += 1
 
     # ---- result ----------------------------------------------------------------------------------
