@@ -17,24 +17,22 @@ from numba import njit
 
 NBINS = 1 << 16
 SUB = 1 << 17  # cells of a refined bin: 65536 low keys x (normal, anomaly)
+BLOCK = 1 << 14  # pixels the refinement kernel takes in two steps (stretch indices, then appends)
 WRAP = 256  # a uint8 table cell wraps every 256 increments; each wrap is logged in ``ovf``
 
 _OPTS = {"nogil": True, "cache": False, "boundscheck": False}
+_INNER = {"cache": False, "boundscheck": False}  # called from the kernels; LLVM inlines them
 
 
-@njit(inline="always")
+@njit(**_INNER)
 def _is_nan(b):  # type: ignore[no-untyped-def]
     return (b & 0x7FFFFFFF) > 0x7F800000
 
 
-@njit(inline="always")
+@njit(**_INNER)
 def _key(b):  # type: ignore[no-untyped-def]
-    if b >= 0x80000000:
-        k = b ^ 0xFFFFFFFF
-        if k == 0x7FFFFFFF:  # -0.0 ties +0.0
-            k = 0x80000000
-        return k
-    return b | 0x80000000
+    k = b ^ (0x80000000 | ((b >> 31) * 0x7FFFFFFF))  # branch-free: the sign is data
+    return k + (k == 0x7FFFFFFF)  # -0.0 ties +0.0
 
 
 @njit(**_OPTS)
@@ -58,7 +56,7 @@ def coarse_pass(u, y, v, coarse):  # type: ignore[no-untyped-def]
     return nan
 
 
-@njit(inline="always")
+@njit(**_INNER)
 def _flush(table, off, buf, lo, hi, ovf, n_ovf):  # type: ignore[no-untyped-def]
     """Add the cells ``off + 2 * buf[lo:hi]`` of a uint8 table; log each wrap 255 -> 0 in ``ovf``."""
     err = 0
@@ -89,34 +87,47 @@ def refine_pass(u, y, v, slot_of_bin, dense_off, table, ovf, n_ovf, buf, ptr, st
     """
     masked = v.size > 0
     err = 0
-    for i in range(u.size):
-        if masked and v[i] == 0:
-            continue
-        b = np.int64(u[i])
-        if _is_nan(b):
+    jt = np.empty(BLOCK, np.int32)  # per pixel of a block: its stretch, or -1
+    lt = np.empty(BLOCK, np.uint16)  # its low key
+    for b0 in range(0, u.size, BLOCK):
+        m = min(BLOCK, u.size - b0)
+        # first the stretch of every pixel of the block (no stores to the stretches: vectorizes) ...
+        nan = 0
+        for i in range(m):
+            b = np.int64(u[b0 + i])
+            k = _key(b)
+            jt[i] = 2 * slot_of_bin[k >> 16] + np.int64(y[b0 + i])  # y is 0 or 1
+            lt[i] = k & 0xFFFF
+            nan += _is_nan(b)
+        if nan:
             err = 2
-            continue
-        k = _key(b)
-        sl = np.int64(slot_of_bin[k >> 16])
-        if sl < 0:
-            continue
-        lab = 1 if y[i] != 0 else 0
-        j = 2 * sl + lab
-        p = ptr[j]
-        if p == end[j]:
-            off = dense_off[sl]
-            if off < 0:
-                err = 1
+            for i in range(m):
+                if _is_nan(np.int64(u[b0 + i])):
+                    jt[i] = -1
+        if masked:
+            for i in range(m):
+                if v[b0 + i] == 0:
+                    jt[i] = -1
+        # ... then the appends, the only stores into thousands of streams
+        for i in range(m):
+            j = jt[i]
+            if j < 0:
                 continue
-            n_ovf, e = _flush(table, off + lab, buf, start[j], p, ovf, n_ovf)
-            err = max(err, e)
-            p = start[j]
-        buf[p] = k & 0xFFFF
-        ptr[j] = p + 1
+            p = ptr[j]
+            if p == end[j]:
+                off = dense_off[j >> 1]
+                if off < 0:
+                    err = 1
+                    continue
+                n_ovf, e = _flush(table, off + (j & 1), buf, start[j], p, ovf, n_ovf)
+                err = max(err, e)
+                p = start[j]
+            buf[p] = lt[i]
+            ptr[j] = p + 1
     return n_ovf, err
 
 
-@njit(inline="always")
+@njit(**_INNER)
 def _value(ng, ps, cpos, cneg, a, b2, ap, t0, f0, P, level, cross, fpc):  # type: ignore[no-untyped-def]
     """One distinct value (descending) of a bin: ``ng`` normals and ``ps`` anomalies at it."""
     a += ng * cpos  # normals below anomalies above them, inside the bin
@@ -132,6 +143,26 @@ def _value(ng, ps, cpos, cneg, a, b2, ap, t0, f0, P, level, cross, fpc):  # type
     return cpos, cneg, a, b2, ap, fpc
 
 
+@njit(**_INNER)
+def _sort16(a, tmp):  # type: ignore[no-untyped-def]
+    """Sort uint16 ``a`` in place: two counting passes of 8 bits (``tmp`` as long as ``a``)."""
+    n = a.size
+    c = np.zeros(257, np.int64)
+    for r in range(2):
+        shift = 8 * r
+        c[:] = 0
+        for i in range(n):
+            c[((np.int64(a[i]) >> shift) & 255) + 1] += 1
+        for d in range(256):
+            c[d + 1] += c[d]
+        for i in range(n):
+            d = (np.int64(a[i]) >> shift) & 255
+            tmp[c[d]] = a[i]
+            c[d] += 1
+        for i in range(n):
+            a[i] = tmp[i]
+
+
 @njit(**_OPTS)
 def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level, cross_slot, sort_below,
                  out_pos, out_neg, out_a, out_b, out_ap):  # type: ignore[no-untyped-def]
@@ -139,7 +170,7 @@ def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level
 
     A dense slot's buffers are flushed first; its counts are the table plus 256 per logged wrap.
     A sparse slot's stretches are counted in a table of the bin (``sort_below`` pixels or more)
-    or sorted in place and merged. ``t0``/``f0`` int64 per slot: anomalies/normals in higher
+    or sorted in place (radix) and merged. ``t0``/``f0`` int64 per slot: anomalies/normals in higher
     bins. Per slot: ``out_pos``/``out_neg`` the pixels counted, ``out_a`` = sum_v neg_v
     pos_above_v, ``out_b`` = sum_v neg_v pos_v, ``out_ap`` = sum_v pos_v tp_v / (tp_v + fp_v).
     Returns ``(fp, error)``: the false positives where ``tp / P`` first reaches ``level`` in slot
@@ -151,8 +182,21 @@ def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level
             for lab in range(2):
                 n_ovf, e = _flush(table, dense_off[k] + lab, buf, start[2 * k + lab], ptr[2 * k + lab], ovf, n_ovf)
                 err = max(err, e)
-    o = np.sort(ovf[:n_ovf])
+    # the logged wraps, by dense table (a counting sort: wraps of table d at o[first[d]:first[d + 1]])
+    n_tab = table.size // SUB
+    first = np.zeros(n_tab + 1, np.int64)
+    for e in range(n_ovf):
+        first[ovf[e] // SUB + 1] += 1
+    for d in range(n_tab):
+        first[d + 1] += first[d]
+    fill = first[:n_tab].copy()
+    o = np.empty(n_ovf, np.int64)
+    for e in range(n_ovf):
+        d = ovf[e] // SUB
+        o[fill[d]] = ovf[e]
+        fill[d] += 1
     cnt = np.zeros(SUB, np.int64)
+    tmp = np.empty(sort_below, np.uint16)
     fpc = np.int64(-1)
     for k in range(dense_off.size):
         cross = k == cross_slot
@@ -169,9 +213,7 @@ def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level
             if off >= 0:
                 for j in range(SUB):
                     cnt[j] = table[off + j]
-                lo = np.searchsorted(o, off)
-                hi = np.searchsorted(o, off + SUB)
-                for j in range(lo, hi):
+                for j in range(first[off // SUB], first[off // SUB + 1]):
                     cnt[o[j] - off] += WRAP
             else:
                 for j in range(neg.size):
@@ -187,8 +229,8 @@ def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level
                 cnt[2 * low + 1] = 0
                 cpos, cneg, a, b2, ap, fpc = _value(ng, ps, cpos, cneg, a, b2, ap, tk, fk, P, level, cross, fpc)
         else:
-            neg.sort()
-            pos.sort()
+            _sort16(neg, tmp)
+            _sort16(pos, tmp)
             i0 = neg.size - 1
             i1 = pos.size - 1
             while i0 >= 0 or i1 >= 0:
