@@ -66,11 +66,11 @@ def test_many_refinement_passes_give_the_same_result(max_refine_mb):
 
 @pytest.mark.parametrize("max_refine_mb", [0.2, 64.0])
 def test_dense_and_sparse_bins_together(max_refine_mb):
-    # a narrow range puts ~100,000 pixels in each of two coarse bins, the tails leave sparse
-    # bins; a small budget counts the full bins in uint8 tables and splits them over passes
+    # a narrow range puts ~200,000 pixels in each of two coarse bins, the tails leave sparse
+    # bins; a small budget counts the full bins in uint16 tables and splits them over passes
     rng = np.random.default_rng(12)
-    y = rng.random(200_000) < 0.2
-    s = (1.0 + 0.002 * rng.standard_normal(200_000) + 0.001 * y).astype(np.float32)
+    y = rng.random(400_000) < 0.2
+    s = (1.0 + 0.002 * rng.standard_normal(400_000) + 0.001 * y).astype(np.float32)
     s[:2000] = rng.standard_normal(2000).astype(np.float32) * 5
     acc = E.Float32Exact(max_refine_mb=max_refine_mb)
     acc.update(s, y)
@@ -89,9 +89,9 @@ def test_dense_and_sparse_bins_together(max_refine_mb):
 
 
 @pytest.mark.parametrize("layout", ["dense", "sparse", "auto"])
-def test_table_cells_past_256_and_65536_pixels(monkeypatch, layout):
-    # a uint8 table cell wraps every 256 pixels; the wraps are logged and added back
-    monkeypatch.setattr(E, "LAYOUT", layout)  # "dense": every refined bin in a uint8 table
+def test_table_cells_past_65536_pixels(monkeypatch, layout):
+    # a uint16 table cell wraps every 65,536 pixels; the wraps are logged and added back
+    monkeypatch.setattr(E, "LAYOUT", layout)  # "dense": every refined bin in a uint16 table
     one = np.float32(1.0)
     up1 = np.nextafter(one, np.float32(2))
     up2 = np.nextafter(up1, np.float32(2))

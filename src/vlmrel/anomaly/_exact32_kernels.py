@@ -18,7 +18,7 @@ from numba import njit
 NBINS = 1 << 16
 SUB = 1 << 17  # cells of a refined bin: 65536 low keys x (normal, anomaly)
 BLOCK = 1 << 14  # pixels the refinement kernel takes in two steps (stretch indices, then appends)
-WRAP = 256  # a uint8 table cell wraps every 256 increments; each wrap is logged in ``ovf``
+WRAP = 1 << 16  # a uint16 table cell wraps every 65,536 increments; each wrap is logged in ``ovf``
 
 _OPTS = {"nogil": True, "cache": False, "boundscheck": False}
 _INNER = {"cache": False, "boundscheck": False}  # called from the kernels; LLVM inlines them
@@ -58,12 +58,12 @@ def coarse_pass(u, y, v, coarse):  # type: ignore[no-untyped-def]
 
 @njit(**_INNER)
 def _flush(table, off, buf, lo, hi, ovf, n_ovf):  # type: ignore[no-untyped-def]
-    """Add the cells ``off + 2 * buf[lo:hi]`` of a uint8 table; log each wrap 255 -> 0 in ``ovf``."""
+    """Add the cells ``off + 2 * buf[lo:hi]`` of a uint16 table; log each wrap to 0 in ``ovf``."""
     err = 0
     for j in range(lo, hi):
         c = off + 2 * np.int64(buf[j])
         t = table[c] + 1
-        table[c] = t  # uint8: 256 stores 0
+        table[c] = t  # uint16: 65536 stores 0
         if t == WRAP:
             if n_ovf < ovf.size:
                 ovf[n_ovf] = c
@@ -80,8 +80,8 @@ def refine_pass(u, y, v, slot_of_bin, dense_off, table, ovf, n_ovf, buf, ptr, st
     ``slot_of_bin`` int32 [65536]: the bin's slot in this group, or -1. Slot ``k``'s pixels of
     label ``l`` append their low key (uint16) to their own stretch ``buf[start[j]:end[j]]`` at
     ``ptr[j]``, ``j = 2 k + l``. A *sparse* slot's stretches hold all its pixels (the coarse
-    counts). A *dense* slot's (``dense_off[k] >= 0``) are buffers, flushed into its uint8 table
-    ``table[dense_off[k] + 2 * low + l]`` when full; a cell's wrap from 255 to 0 appends the
+    counts). A *dense* slot's (``dense_off[k] >= 0``) are buffers, flushed into its uint16 table
+    ``table[dense_off[k] + 2 * low + l]`` when full; a cell's wrap from 65535 to 0 appends the
     cell to ``ovf`` (int64; ``n_ovf`` entries so far). ``error``: 1 when a sparse stretch or
     ``ovf`` would overflow (the pass sees more pixels than the coarse pass), 2 on NaN.
     """
@@ -168,7 +168,7 @@ def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level
                  out_pos, out_neg, out_a, out_b, out_ap):  # type: ignore[no-untyped-def]
     """Walk every slot's values from the highest down; per slot, write its totals and terms.
 
-    A dense slot's buffers are flushed first; its counts are the table plus 256 per logged wrap.
+    A dense slot's buffers are flushed first; its counts are the table plus 65,536 per logged wrap.
     A sparse slot's stretches are counted in a table of the bin (``sort_below`` pixels or more)
     or sorted in place (radix) and merged. ``t0``/``f0`` int64 per slot: anomalies/normals in higher
     bins. Per slot: ``out_pos``/``out_neg`` the pixels counted, ``out_a`` = sum_v neg_v

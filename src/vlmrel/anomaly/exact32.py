@@ -14,11 +14,24 @@ scores have 2^32; a histogram over all of them does not fit. Two kinds of pass d
      tie (``pos_v * tp_v / (tp_v + fp_v)`` over distinct values).
 
    A refined bin gets counts over the key's low 16 bits and the label, i.e. over every float32
-   value inside it: sorted (value, label) runs merged across chunks (a sparse bin: at most one
-   entry per pixel, ``ENTRY_BYTES`` each), or a uint32 table of all 2 x 65,536 cells where the bin
-   holds more pixels than that costs (a dense bin). Bins are grouped so that one group's planned
-   memory fits ``max_refine_mb``; each group costs one more pass over the data. Pure-normal bins
-   are never refined.
+   value inside it. The refinement kernel (numba, ``_exact32_kernels``) looks up each pixel's
+   bin in a 65,536-entry slot table and appends its low key to a stretch of its (bin, label):
+
+   * a *sparse* bin's two stretches (uint16, ``SPARSE_BYTES`` = 2 per pixel) hold every pixel
+     of the bin; their sizes are the coarse counts, so nothing grows or is merged. After the
+     pass a bin is counted in a 2 x 65,536 table (``SORT_BELOW`` pixels or more) or radix-sorted;
+   * a *dense* bin has a uint16 table of its 2 x 65,536 (value, label) cells (256 KB) and two
+     stretches of ``BUFFER`` low keys, added to the table whenever one is full (the increments
+     of a flush stay inside the bin's 256 KB); a cell's wrap from 65,535 to 0 is logged (int64,
+     at most one per 65,536 pixels) and counts 65,536 after the pass.
+
+   Bins are sparse while every refined pixel fits ``max_refine_mb`` (fastest: one append per
+   pixel, no table lookups in DRAM). Beyond it the bins that save most as tables turn dense until
+   the rest fits, then bins are grouped in descending order to fit ``max_refine_mb``; each group
+   costs one more pass over the data. A dense bin costs 272 KB, plus 8 bytes per 65,536 of its
+   pixels, so the passes are bounded by the number of bins rather than of pixels. Pure-normal bins are
+   never refined. After each pass one kernel call walks every bin of the group from its highest
+   value down and checks its totals against the coarse counts (other data is an error).
 
 From the coarse counts (``T0_b``, ``F0_b`` = anomalies/normals in bins above bin ``b``) and the
 refined bins:
@@ -32,11 +45,17 @@ refined bins:
   (``roc_curve(drop_intermediate=False)``); found in the coarse bin where TPR crosses ``level``
   and, when that bin is refined, inside it.
 
-Memory: the coarse counts (1 MB), about ``max_refine_mb`` for the refined counts (planned per bin
-from its coarse count, merge temporaries included), the temporaries of one chunk, and those of
-reducing ``FINISH_ENTRIES`` counts at a time after each pass (~200 MB). It does not
-grow with the number of pixels; the number of passes grows with the data's mixed bins (at most
-1 + ceil(refined bins x 0.5 MB / max_refine_mb)).
+Memory: the coarse counts (1 MB), about ``max_refine_mb`` for the group's stretches, tables and
+wrap log (planned exactly from the coarse counts, allocated by ``start_group``), 1 MB of
+counts while a bin is reduced, and the temporaries of one chunk when the scores are not float32
+(float32 arrays are read in place). Passes: 1 + the number of groups, i.e. 2 while the refined
+pixels x 2 bytes fit ``max_refine_mb`` (400M pixels: ~0.8 GB), and at most
+about 1 + ceil(refined bins x 272 KB / ``max_refine_mb``) however many pixels there are.
+
+Compilation: the kernels compile on first use in each process (about 3-4 s of CPU;
+``compile_kernels()`` does it up front and returns the time); nothing is cached on disk.
+``exact_metrics_float32`` on arrays up to ``SORT_MAX`` pixels (one image) sorts with numpy and
+compiles nothing.
 
 Usage, for data that can be read again (a file, a generator)::
 
@@ -58,9 +77,9 @@ import numpy as np
 NBINS = 1 << 16
 SUB = 1 << 17  # (value, label) cells per refined bin: 65536 low keys x (normal, anomaly)
 SPARSE_BYTES = 2  # per pixel of a sparse bin: its low key (uint16), in a stretch per label
-TABLE_BYTES = SUB  # a dense bin's table: one uint8 per cell
+TABLE_BYTES = 2 * SUB  # a dense bin's table: one uint16 per cell
 BUFFER = 1 << 12  # low keys a dense bin buffers per label before adding them to its table
-OVF_BYTES = 8  # per logged wrap of a dense cell (int64 cell index; at most pixels / 256 of them)
+OVF_BYTES = 8  # per logged wrap of a dense cell (int64 cell index; at most pixels / 65536)
 SORT_BELOW = 1 << 11  # a sparse bin with fewer pixels is sorted, a fuller one counted in a table
 LAYOUT = "auto"  # "auto": dense bins only where the budget needs them; "dense"/"sparse" (tests)
 CHUNK = 1 << 20  # pixels converted to float32 at a time when the scores are another dtype
@@ -218,8 +237,8 @@ class Float32Exact:
         """Group the refined bins under ``max_refine_mb``; the number of refinement passes.
 
         A refined bin costs ``SPARSE_BYTES`` per pixel as a *sparse* bin (its pixels' low keys,
-        fastest), or as a *dense* bin a uint8 table of ``SUB`` cells, buffers of ``BUFFER`` low
-        keys per label and ``OVF_BYTES`` per 256 pixels (bounded per bin). Bins are sparse while
+        fastest), or as a *dense* bin a uint16 table of ``SUB`` cells, buffers of ``BUFFER`` low
+        keys per label and ``OVF_BYTES`` per 65,536 pixels (nearly bounded per bin). Bins are sparse while
         all of them fit ``max_refine_mb``; past that, the bins that save most as tables become
         dense until the rest fits, or every bin that saves is dense. Bins are then grouped in
         descending order while their costs fit ``max_refine_mb`` (a bin over it is a group alone).
@@ -232,7 +251,7 @@ class Float32Exact:
             n = c.sum(axis=1)
             budget = self.max_refine_mb * 2**20
             sparse_cost = SPARSE_BYTES * n
-            dense_cost = TABLE_BYTES + 2 * SPARSE_BYTES * BUFFER + OVF_BYTES * (n // 256)
+            dense_cost = TABLE_BYTES + 2 * SPARSE_BYTES * BUFFER + OVF_BYTES * (n // 65536)
             dense = np.zeros(refined.size, dtype=bool)
             if LAYOUT == "dense":
                 dense[:] = True
@@ -272,7 +291,7 @@ class Float32Exact:
     # ---- refinement passes -----------------------------------------------------------------------
 
     def start_group(self, g: int) -> None:
-        """Allocate group ``g``'s counts: uint8 tables and buffers (dense bins), pixel stretches (sparse)."""
+        """Allocate group ``g``'s counts: uint16 tables and buffers (dense bins), pixel stretches (sparse)."""
         self.plan()
         assert self._groups is not None
         bins = self._groups[g]
@@ -282,8 +301,8 @@ class Float32Exact:
         dense = self._dense_bin[bins]
         n = self.coarse.reshape(NBINS, 2)[bins].sum(axis=1)
         self._dense_off = np.where(dense, (np.cumsum(dense) - 1) * SUB, -1).astype(np.int64)
-        self._table = np.zeros(int(dense.sum()) * SUB, dtype=np.uint8)
-        self._ovf = np.zeros(int((n[dense] // 256).sum()), dtype=np.int64)
+        self._table = np.zeros(int(dense.sum()) * SUB, dtype=np.uint16)
+        self._ovf = np.zeros(int((n[dense] // 65536).sum()), dtype=np.int64)
         self._n_ovf = 0
         n2 = self.coarse.reshape(NBINS, 2)[bins]  # (normals, anomalies) per slot
         size = np.where(dense[:, None], BUFFER, n2).reshape(-1)  # a sparse stretch holds all
