@@ -195,7 +195,8 @@ def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level
         d = ovf[e] // SUB
         o[fill[d]] = ovf[e]
         fill[d] += 1
-    cnt = np.zeros(SUB, np.int64)
+    hn = np.zeros(NBINS, np.int64)  # a bin's normals per low key
+    hp = np.zeros(NBINS, np.int64)  # its anomalies
     tmp = np.empty(sort_below, np.uint16)
     fpc = np.int64(-1)
     for k in range(dense_off.size):
@@ -211,23 +212,34 @@ def finish_group(table, dense_off, ovf, n_ovf, buf, start, ptr, t0, f0, P, level
         pos = buf[start[2 * k + 1] : ptr[2 * k + 1]]
         if off >= 0 or neg.size + pos.size >= sort_below:
             if off >= 0:
-                for j in range(SUB):
-                    cnt[j] = table[off + j]
+                for j in range(NBINS):
+                    hn[j] = table[off + 2 * j]
+                    hp[j] = table[off + 2 * j + 1]
                 for j in range(first[off // SUB], first[off // SUB + 1]):
-                    cnt[o[j] - off] += WRAP
+                    c = o[j] - off
+                    if c & 1:
+                        hp[c >> 1] += WRAP
+                    else:
+                        hn[c >> 1] += WRAP
             else:
                 for j in range(neg.size):
-                    cnt[2 * np.int64(neg[j])] += 1
+                    hn[neg[j]] += 1
                 for j in range(pos.size):
-                    cnt[2 * np.int64(pos[j]) + 1] += 1
+                    hp[pos[j]] += 1
+            run = np.int64(0)  # normals at values without anomalies, since the last anomaly
             for low in range(NBINS - 1, -1, -1):
-                ng = cnt[2 * low]
-                ps = cnt[2 * low + 1]
-                if ng == 0 and ps == 0:
+                ps = hp[low]
+                if ps == 0:
+                    run += hn[low]
                     continue
-                cnt[2 * low] = 0
-                cnt[2 * low + 1] = 0
-                cpos, cneg, a, b2, ap, fpc = _value(ng, ps, cpos, cneg, a, b2, ap, tk, fk, P, level, cross, fpc)
+                a += run * cpos
+                cneg += run
+                run = 0
+                cpos, cneg, a, b2, ap, fpc = _value(hn[low], ps, cpos, cneg, a, b2, ap, tk, fk, P, level, cross, fpc)
+            a += run * cpos
+            cneg += run
+            hn[:] = 0
+            hp[:] = 0
         else:
             _sort16(neg, tmp)
             _sort16(pos, tmp)
