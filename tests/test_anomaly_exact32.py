@@ -231,6 +231,15 @@ def test_refinement_on_other_data_is_an_error(monkeypatch, n_refine, layout):
         acc.finish_group()
 
 
+def test_nan_outside_the_valid_mask_is_ignored():
+    s, y = ulp_ties(np.random.default_rng(11), 50_000, 0.1)
+    valid = np.random.default_rng(12).random(s.size) < 0.7
+    s_nan = s.copy()
+    s_nan[~valid] = np.nan
+    got = E.exact_metrics_float32(s_nan, y, valid, method="passes")
+    assert_equal_sklearn(got, s[valid], y[valid])
+
+
 def test_nan_is_refused_by_the_passes():
     s = np.array([0.1, np.nan, 0.3], np.float32)
     y = np.array([1, 0, 0], bool)

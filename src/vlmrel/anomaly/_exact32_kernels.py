@@ -99,11 +99,12 @@ def refine_pass(u, y, v, slot_of_bin, dense_off, table, ovf, n_ovf, buf, ptr, st
             jt[i] = 2 * slot_of_bin[k >> 16] + np.int64(y[b0 + i])  # y is 0 or 1
             lt[i] = k & 0xFFFF
             nan += _is_nan(b)
-        if nan:
-            err = 2
+        if nan:  # an error unless masked out, as in the coarse pass
             for i in range(m):
                 if _is_nan(np.int64(u[b0 + i])):
                     jt[i] = -1
+                    if not masked or v[b0 + i] != 0:
+                        err = 2
         if masked:
             for i in range(m):
                 if v[b0 + i] == 0:
