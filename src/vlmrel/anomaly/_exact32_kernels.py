@@ -21,7 +21,7 @@ BLOCK = 1 << 14  # pixels the refinement kernel takes in two steps (stretch indi
 WRAP = 1 << 16  # a uint16 table cell wraps every 65,536 increments; each wrap is logged in ``ovf``
 
 _OPTS = {"nogil": True, "cache": False, "boundscheck": False}
-_INNER = {"cache": False, "boundscheck": False}  # called from the kernels; LLVM inlines them
+_INNER = {"cache": False, "boundscheck": False}  # helpers, compiled with the kernels that call them
 
 
 @njit(**_INNER)

@@ -238,10 +238,11 @@ class Float32Exact:
 
         A refined bin costs ``SPARSE_BYTES`` per pixel as a *sparse* bin (its pixels' low keys,
         fastest), or as a *dense* bin a uint16 table of ``SUB`` cells, buffers of ``BUFFER`` low
-        keys per label and ``OVF_BYTES`` per 65,536 pixels (nearly bounded per bin). Bins are sparse while
-        all of them fit ``max_refine_mb``; past that, the bins that save most as tables become
-        dense until the rest fits, or every bin that saves is dense. Bins are then grouped in
-        descending order while their costs fit ``max_refine_mb`` (a bin over it is a group alone).
+        keys per label and ``OVF_BYTES`` per 65,536 pixels (nearly bounded per bin). Bins are
+        sparse while all of them fit ``max_refine_mb``; past that, the bins that save most as
+        tables become dense until the rest fits, or every bin that saves is dense. Bins are then
+        grouped in descending order while their costs fit ``max_refine_mb`` (a bin over it is a
+        group alone).
         """
         if self._groups is None:
             refined = self.refined_bins()
