@@ -14,11 +14,24 @@ scores have 2^32; a histogram over all of them does not fit. Two kinds of pass d
      tie (``pos_v * tp_v / (tp_v + fp_v)`` over distinct values).
 
    A refined bin gets counts over the key's low 16 bits and the label, i.e. over every float32
-   value inside it: sorted (value, label) runs merged across chunks (a sparse bin: at most one
-   entry per pixel, ``ENTRY_BYTES`` each), or a uint32 table of all 2 x 65,536 cells where the bin
-   holds more pixels than that costs (a dense bin). Bins are grouped so that one group's planned
-   memory fits ``max_refine_mb``; each group costs one more pass over the data. Pure-normal bins
-   are never refined.
+   value inside it. The refinement kernel (numba, ``_exact32_kernels``) looks up each pixel's
+   bin in a 65,536-entry slot table and appends its low key to a stretch of its (bin, label):
+
+   * a *sparse* bin's two stretches (uint16, ``SPARSE_BYTES`` = 2 per pixel) hold every pixel
+     of the bin; their sizes are the coarse counts, so nothing grows or is merged. After the
+     pass a bin is counted in a 2 x 65,536 table (``SORT_BELOW`` pixels or more) or radix-sorted;
+   * a *dense* bin has a uint16 table of its 2 x 65,536 (value, label) cells (256 KB) and two
+     stretches of ``BUFFER`` low keys, added to the table whenever one is full (the increments
+     of a flush stay inside the bin's 256 KB); a cell's wrap from 65,535 to 0 is logged (int64,
+     at most one per 65,536 pixels) and counts 65,536 after the pass.
+
+   Bins are sparse while every refined pixel fits ``max_refine_mb`` (fastest: one append per
+   pixel, no table lookups in DRAM). Beyond it the bins that save most as tables turn dense until
+   the rest fits, then bins are grouped in descending order to fit ``max_refine_mb``; each group
+   costs one more pass over the data. A dense bin costs 272 KB, plus 8 bytes per 65,536 of its
+   pixels, so the passes are bounded by the number of bins rather than of pixels. Pure-normal bins are
+   never refined. After each pass one kernel call walks every bin of the group from its highest
+   value down and checks its totals against the coarse counts (other data is an error).
 
 From the coarse counts (``T0_b``, ``F0_b`` = anomalies/normals in bins above bin ``b``) and the
 refined bins:
@@ -32,11 +45,17 @@ refined bins:
   (``roc_curve(drop_intermediate=False)``); found in the coarse bin where TPR crosses ``level``
   and, when that bin is refined, inside it.
 
-Memory: the coarse counts (1 MB), about ``max_refine_mb`` for the refined counts (planned per bin
-from its coarse count, merge temporaries included), the temporaries of one chunk, and those of
-reducing ``FINISH_ENTRIES`` counts at a time after each pass (~200 MB). It does not
-grow with the number of pixels; the number of passes grows with the data's mixed bins (at most
-1 + ceil(refined bins x 0.5 MB / max_refine_mb)).
+Memory: the coarse counts (1 MB), about ``max_refine_mb`` for the group's stretches, tables and
+wrap log (planned exactly from the coarse counts, allocated by ``start_group``), 1 MB of
+counts while a bin is reduced, and the temporaries of one chunk when the scores are not float32
+(float32 arrays are read in place). Passes: 1 + the number of groups, i.e. 2 while the refined
+pixels x 2 bytes fit ``max_refine_mb`` (400M pixels: ~0.8 GB), and at most
+about 1 + ceil(refined bins x 272 KB / ``max_refine_mb``) however many pixels there are.
+
+Compilation: the kernels compile on first use in each process (about 3-4 s of CPU;
+``compile_kernels()`` does it up front and returns the time); nothing is cached on disk.
+``exact_metrics_float32`` on arrays up to ``SORT_MAX`` pixels (one image) sorts with numpy and
+compiles nothing.
 
 Usage, for data that can be read again (a file, a generator)::
 
@@ -49,23 +68,65 @@ or with the accumulator: ``update`` every chunk, then for ``g in range(acc.plan(
 from __future__ import annotations
 
 import math
+import mmap
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
 NBINS = 1 << 16
 SUB = 1 << 17  # (value, label) cells per refined bin: 65536 low keys x (normal, anomaly)
-ENTRY_BYTES = 48  # planned memory per stored (value, label) count, merge temporaries included
-DENSE_BYTES = 4  # per cell of a dense bin table (uint32)
-FINISH_ENTRIES = 1 << 20  # (value, label) entries reduced at once after a pass (~200 MB of temporaries)
-CHUNK = 1 << 20
+SPARSE_BYTES = 2  # per pixel of a sparse bin: its low key (uint16), in a stretch per label
+TABLE_BYTES = 2 * SUB  # a dense bin's table: one uint16 per cell
+BUFFER = 1 << 12  # low keys a dense bin buffers per label before adding them to its table
+OVF_BYTES = 8  # per logged wrap of a dense cell (int64 cell index; at most pixels / 65536)
+SORT_BELOW = 1 << 11  # a sparse bin with fewer pixels is sorted, a fuller one counted in a table
+LAYOUT = "auto"  # "auto": dense bins only where the budget needs them; "dense"/"sparse" (tests)
+CHUNK = 1 << 20  # pixels converted to float32 at a time when the scores are another dtype
 _NEG_ZERO = np.uint32(0x7FFFFFFF)
 _POS_ZERO = np.uint32(0x80000000)
+_NO_MASK = np.zeros(0, dtype=np.uint8)
 
 
-def float32_keys(scores: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Order-preserving uint32 keys of ``scores`` as float32, and whether float32 held them exactly."""
-    s = np.asarray(scores)
+def _fresh_uint16(n: int) -> np.ndarray:
+    """An uninitialized uint16 array in pages the kernel maps up front, in 4 KB pages.
+
+    The refinement pass writes every element once, in thousands of interleaved streams; faulting
+    a large ``np.empty`` in on first touch, in transparent huge pages (which numpy asks for),
+    costs more than the pass itself on some machines.
+    """
+    if n * 2 < 1 << 22 or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return np.empty(n, dtype=np.uint16)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, n * 2, flags=flags), dtype=np.uint16)
+
+
+def _kernels():  # type: ignore[no-untyped-def]
+    from vlmrel.anomaly import _exact32_kernels
+
+    return _exact32_kernels
+
+
+def compile_kernels() -> float:
+    """Import numba and compile the kernels now (they compile on first use otherwise); seconds taken.
+
+    The compiled code lives in this process only (no on-disk cache), about 1-3 s per process.
+    """
+    t0 = time.perf_counter()
+    _kernels()
+    acc = Float32Exact(max_refine_mb=1.0)
+    s = np.array([2.0, 1.0, 1.0, -0.0, 0.0], np.float32)
+    y = np.array([0, 1, 0, 1, 0], bool)
+    acc.update(s, y)
+    for g in range(acc.plan()):
+        acc.start_group(g)
+        acc.refine(s, y)
+        acc.finish_group()
+    return time.perf_counter() - t0
+
+
+def _as_float32(s: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``s`` as contiguous float32, and whether float32 held every value exactly."""
     if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
         raise TypeError(f"scores must be a float array, got dtype {s.dtype}")
     lossless = True
@@ -75,9 +136,15 @@ def float32_keys(scores: np.ndarray) -> tuple[np.ndarray, bool]:
         if s.dtype.itemsize > 4 or np.issubdtype(s.dtype, np.integer):
             lossless = bool(np.array_equal(s32.astype(s.dtype), s, equal_nan=True))
         s = s32
+    return np.ascontiguousarray(s), lossless
+
+
+def float32_keys(scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Order-preserving uint32 keys of ``scores`` as float32, and whether float32 held them exactly."""
+    s, lossless = _as_float32(np.asarray(scores))
     if np.isnan(s).any():
         raise ValueError(f"scores contain {int(np.isnan(s).sum())} NaN values")
-    u = np.ascontiguousarray(s).view(np.uint32)
+    u = s.view(np.uint32)
     flip = ((u >> np.uint32(31)) * np.uint32(0x7FFFFFFF)) | _POS_ZERO
     keys = u ^ flip
     keys[keys == _NEG_ZERO] = _POS_ZERO
@@ -85,21 +152,36 @@ def float32_keys(scores: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def _flatten(
-    scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
+    scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None, apply_mask: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Flat scores and bool labels; the valid mask applied, or returned flat (``apply_mask=False``)."""
     s = np.asarray(scores).reshape(-1)
     y = np.asarray(is_anomaly).reshape(-1)
     if s.shape != y.shape:
         raise ValueError(
             f"scores and is_anomaly differ in size: {np.shape(scores)} vs {np.shape(is_anomaly)}"
         )
+    v = None
     if valid is not None:
         v = np.asarray(valid, dtype=bool).reshape(-1)
         if v.shape != s.shape:
             raise ValueError(f"valid mask has shape {np.shape(valid)}, scores {np.shape(scores)}")
-        if not v.all():
-            s, y = s[v], y[v]
-    return s, y.astype(bool, copy=False)
+        if v.all():
+            v = None
+        elif apply_mask:
+            s, y, v = s[v], y[v], None
+    return s, y.astype(bool, copy=False), v
+
+
+def _chunks(scores, is_anomaly, valid):  # type: ignore[no-untyped-def]
+    """(uint32 bits, uint8 labels, uint8 mask or empty, lossless) of contiguous float32 pieces."""
+    s, y, v = _flatten(scores, is_anomaly, valid, apply_mask=False)
+    step = s.size if s.dtype == np.float32 else CHUNK  # float32 is used in place: no copy
+    for lo in range(0, s.size, max(step, 1)):
+        s32, ok = _as_float32(s[lo : lo + step])
+        y8 = np.ascontiguousarray(y[lo : lo + step]).view(np.uint8)
+        v8 = _NO_MASK if v is None else np.ascontiguousarray(v[lo : lo + step]).view(np.uint8)
+        yield s32.view(np.uint32), y8, v8, ok
 
 
 class Float32Exact:
@@ -112,7 +194,6 @@ class Float32Exact:
         self.lossless = True
         self._groups: list[np.ndarray] | None = None
         self._group: int | None = None
-        self._slot: np.ndarray | None = None
         self._twice_within = 0
         self._ap_refined: dict[int, float] = {}
         self._fp_at_cross: int | None = None
@@ -121,16 +202,15 @@ class Float32Exact:
     # ---- pass 1 ----------------------------------------------------------------------------------
 
     def update(self, scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Count pixels in the coarse bins (NaN scores raise ``ValueError``)."""
         if self._groups is not None:
             raise RuntimeError("update() after plan(): the coarse pass is over")
-        s, y = _flatten(scores, is_anomaly, valid)
-        for lo in range(0, s.size, CHUNK):
-            keys, ok = float32_keys(s[lo : lo + CHUNK])
+        K = _kernels()
+        for u, y, v, ok in _chunks(scores, is_anomaly, valid):
             self.lossless &= ok
-            code = (keys >> np.uint32(16)).astype(np.intp)
-            code <<= 1
-            code |= y[lo : lo + CHUNK]
-            self.coarse += np.bincount(code, minlength=2 * NBINS)
+            nan = K.coarse_pass(u, y, v, self.coarse)
+            if nan:
+                raise ValueError(f"scores contain {nan} NaN values")
 
     def __iadd__(self, other: Float32Exact) -> Float32Exact:
         if self._groups is not None or other._groups is not None:
@@ -156,22 +236,43 @@ class Float32Exact:
     def plan(self) -> int:
         """Group the refined bins under ``max_refine_mb``; the number of refinement passes.
 
-        A refined bin stores at most ``min(pixels in it, 2 x 65536)`` (value, label) counts; a
-        group holds bins whose bound, at ``ENTRY_BYTES`` each, fits ``max_refine_mb``.
+        A refined bin costs ``SPARSE_BYTES`` per pixel as a *sparse* bin (its pixels' low keys,
+        fastest), or as a *dense* bin a uint16 table of ``SUB`` cells, buffers of ``BUFFER`` low
+        keys per label and ``OVF_BYTES`` per 65,536 pixels (nearly bounded per bin). Bins are
+        sparse while all of them fit ``max_refine_mb``; past that, the bins that save most as
+        tables become dense until the rest fits, or every bin that saves is dense. Bins are then
+        grouped in descending order while their costs fit ``max_refine_mb`` (a bin over it is a
+        group alone).
         """
         if self._groups is None:
             refined = self.refined_bins()
-            c = self.coarse.reshape(NBINS, 2).sum(axis=1)
-            self._dense_bin = np.zeros(NBINS, dtype=bool)  # a table of every value is cheaper
-            self._dense_bin[refined] = c[refined] * ENTRY_BYTES > SUB * DENSE_BYTES
-            need = np.where(self._dense_bin[refined], SUB * DENSE_BYTES, c[refined] * ENTRY_BYTES)
+            c = self.coarse.reshape(NBINS, 2)[refined]
+            if np.any(c[:, 0].astype(np.float64) * c[:, 1] >= 2.0**62):
+                raise OverflowError("a coarse bin holds more than 2^31 pixels of each class")
+            n = c.sum(axis=1)
             budget = self.max_refine_mb * 2**20
+            sparse_cost = SPARSE_BYTES * n
+            dense_cost = TABLE_BYTES + 2 * SPARSE_BYTES * BUFFER + OVF_BYTES * (n // 65536)
+            dense = np.zeros(refined.size, dtype=bool)
+            if LAYOUT == "dense":
+                dense[:] = True
+            elif LAYOUT == "auto" and sparse_cost.sum() > budget:
+                # the bins that save the most memory as tables, until the rest fits one pass
+                gain = sparse_cost - dense_cost
+                order = np.argsort(-gain, kind="stable")
+                order = order[gain[order] > 0]
+                left = sparse_cost.sum() - np.cumsum(gain[order])
+                fits = left <= budget
+                dense[order[: int(np.argmax(fits)) + 1 if fits.any() else order.size]] = True
+            self._dense_bin = np.zeros(NBINS, dtype=bool)  # bins counted in a table
+            self._dense_bin[refined] = dense
+            need = np.where(dense, dense_cost, sparse_cost)
             self._groups, start, used = [], 0, 0.0
-            for i, n in enumerate(need):
-                if i > start and used + n > budget:
+            for i, b in enumerate(need):
+                if i > start and used + b > budget:
                     self._groups.append(refined[start:i])
                     start, used = i, 0.0
-                used += n
+                used += b
             if refined.size:
                 self._groups.append(refined[start:])
             self._crossing()
@@ -191,161 +292,81 @@ class Float32Exact:
     # ---- refinement passes -----------------------------------------------------------------------
 
     def start_group(self, g: int) -> None:
+        """Allocate group ``g``'s counts: uint16 tables and buffers (dense bins), pixel stretches (sparse)."""
         self.plan()
         assert self._groups is not None
         bins = self._groups[g]
         self._group = g
-        self._slot = np.full(NBINS, -1, dtype=np.int64)
-        self._slot[bins] = np.arange(bins.size)
-        dense = np.flatnonzero(self._dense_bin[bins])  # slots counted in a table
-        self._dense_of_slot = np.full(bins.size + 1, -1, dtype=np.int64)
-        self._dense_of_slot[dense] = np.arange(dense.size)
-        self._table = np.zeros(dense.size * SUB, dtype=np.uint32 if self.coarse.sum() < 2**32 else np.int64)
-        self._code_dtype = np.dtype(np.uint32 if bins.size * SUB <= 2**32 else np.uint64)
-        self._codes = np.zeros(0, dtype=self._code_dtype)
-        self._counts = np.zeros(0, dtype=np.int64)
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
-        self._pending = 0
+        self._slot = np.full(NBINS, -1, dtype=np.int32)
+        self._slot[bins] = np.arange(bins.size, dtype=np.int32)
+        dense = self._dense_bin[bins]
+        n = self.coarse.reshape(NBINS, 2)[bins].sum(axis=1)
+        self._dense_off = np.where(dense, (np.cumsum(dense) - 1) * SUB, -1).astype(np.int64)
+        self._table = np.zeros(int(dense.sum()) * SUB, dtype=np.uint16)
+        self._ovf = np.zeros(int((n[dense] // 65536).sum()), dtype=np.int64)
+        self._n_ovf = 0
+        n2 = self.coarse.reshape(NBINS, 2)[bins]  # (normals, anomalies) per slot
+        size = np.where(dense[:, None], BUFFER, n2).reshape(-1)  # a sparse stretch holds all
+        self._end = np.cumsum(size).astype(np.int64)
+        self._start = self._end - size
+        self._ptr = self._start.copy()
+        self._buf = _fresh_uint16(int(size.sum()))
+        self._refine_error = 0
 
     def refine(self, scores: np.ndarray, is_anomaly: np.ndarray, valid: np.ndarray | None = None) -> None:
-        if self._slot is None:
+        if self._group is None:
             return  # this accumulator has no group in this pass
-        s, y = _flatten(scores, is_anomaly, valid)
-        for lo in range(0, s.size, CHUNK):
-            keys, _ = float32_keys(s[lo : lo + CHUNK])
-            slot = self._slot[keys >> np.uint32(16)]
-            sel = slot >= 0
-            if not sel.any():
-                continue
-            code = slot[sel].astype(self._code_dtype)
-            code *= self._code_dtype.type(SUB)
-            low = (keys[sel] & np.uint32(0xFFFF)).astype(self._code_dtype)
-            low <<= self._code_dtype.type(1)
-            code += low
-            code |= y[lo : lo + CHUNK][sel]
-            code.sort()
-            starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-            u, c = code[starts], np.diff(np.r_[starts, code.size])
-            if self._table.size:
-                d = self._dense_of_slot[(u // self._code_dtype.type(SUB)).astype(np.int64)]
-                into = d >= 0
-                cell = d[into] * SUB + (u[into] % self._code_dtype.type(SUB)).astype(np.int64)
-                self._table[cell] += c[into].astype(self._table.dtype)
-                u, c = u[~into], c[~into]
-            self._runs.append((u, c))
-            self._pending += u.size
-            if self._pending >= max(self._codes.size, 1 << 22):
-                self._consolidate()
-
-    def _consolidate(self) -> None:
-        """Merge the pending sorted runs into the (code, count) list."""
-        if not self._runs:
-            return
-        codes = np.concatenate([self._codes, *(r[0] for r in self._runs)])
-        counts = np.concatenate([self._counts, *(r[1] for r in self._runs)])
-        self._runs, self._pending = [], 0
-        if not codes.size:
-            self._codes, self._counts = codes, counts
-            return
-        order = np.argsort(codes)  # order among equal codes does not matter: their counts are summed
-        codes = codes[order]
-        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-        self._counts = np.add.reduceat(counts[order], starts)
-        self._codes = codes[starts]
+        K = _kernels()
+        for u, y, v, _ok in _chunks(scores, is_anomaly, valid):
+            self._n_ovf, err = K.refine_pass(
+                u, y, v, self._slot, self._dense_off, self._table, self._ovf, self._n_ovf,
+                self._buf, self._ptr, self._start, self._end,
+            )
+            self._refine_error = max(self._refine_error, int(err))
 
     def finish_group(self) -> None:
-        """Reduce the group's counts bin by bin, in batches of at most ``FINISH_ENTRIES`` entries."""
-        assert self._groups is not None and self._group is not None and self._slot is not None
-        self._consolidate()
+        """Reduce the group's counts bin by bin (one numba call); check them against the coarse pass."""
+        assert self._groups is not None and self._group is not None
         bins = self._groups[self._group]
+        if self._refine_error == 2:
+            raise ValueError("scores contain NaN values in a refinement pass")
+        if self._refine_error:
+            raise RuntimeError(
+                "the refinement pass saw other data than the coarse pass (more pixels in a refined bin)"
+            )
         bins_d, neg_d, pos_d, t0_d, f0_d = self._desc()
         index = np.full(NBINS, -1, dtype=np.int64)
         index[bins_d] = np.arange(bins_d.size)
         at = index[bins]  # position of each slot's bin in the descending arrays
-        ctx = (bins, at, neg_d, pos_d, t0_d, f0_d, int(pos_d.sum()), int(neg_d.sum()))
-        dense = self._dense_of_slot[:-1]
-        sparse_slot = (self._codes // self._code_dtype.type(SUB)).astype(np.int64)
-        bound = np.where(dense >= 0, SUB, np.bincount(sparse_slot, minlength=bins.size))
-        k0 = 0
-        while k0 < bins.size:
-            k1, used = k0 + 1, int(bound[k0])
-            while k1 < bins.size and used + int(bound[k1]) <= FINISH_ENTRIES:
-                used += int(bound[k1])
-                k1 += 1
-            lo, hi = np.searchsorted(sparse_slot, [k0, k1])
-            codes, counts = [self._codes[lo:hi]], [self._counts[lo:hi]]
-            d = dense[k0:k1]
-            if (d >= 0).any():  # dense slots of the batch are consecutive in the table
-                d_lo, d_hi = int(d[d >= 0].min()), int(d[d >= 0].max()) + 1
-                cells = self._table[d_lo * SUB : d_hi * SUB]
-                nz = np.flatnonzero(cells)
-                slots = np.flatnonzero(dense >= 0)[d_lo:d_hi]
-                codes.append((slots[nz // SUB] * SUB + nz % SUB).astype(self._code_dtype))
-                counts.append(cells[nz].astype(np.int64))
-            # a slot is either dense or sparse: every slot stays contiguous and ascending
-            self._reduce(np.concatenate(codes), np.concatenate(counts), ctx, k0, k1)
-            k0 = k1
-        self._group = None
-        self._slot = None
-        self._table = np.zeros(0, dtype=np.uint32)
-        self._codes = np.zeros(0, dtype=np.uint32)
-        self._counts = np.zeros(0, dtype=np.int64)
-        self._done += 1
-
-    def _reduce(self, code: np.ndarray, cnt: np.ndarray, ctx: tuple, k0: int, k1: int) -> None:
-        """AUROC pair term, AP per bin and the FPR95 crossing from (code, count) entries of whole slots."""
-        bins, at, neg_d, pos_d, t0_d, f0_d, P, N = ctx
-        # reversed, each slot runs from its highest value down; every quantity below is per slot
-        code, cnt = code[::-1], cnt[::-1]
-        value = code >> self._code_dtype.type(1)
-        is_pos = (code & self._code_dtype.type(1)).astype(bool)
-        first = np.r_[True, value[1:] != value[:-1]]
-        grp = np.cumsum(first) - 1
-        nv = int(grp[-1]) + 1 if grp.size else 0
-        pos = np.bincount(grp[is_pos], weights=cnt[is_pos], minlength=nv).astype(np.int64)
-        neg = np.bincount(grp[~is_pos], weights=cnt[~is_pos], minlength=nv).astype(np.int64)
-        vslot = (value[first] // self._code_dtype.type(NBINS)).astype(np.int64)
-        seg_first = np.r_[True, vslot[1:] != vslot[:-1]]
-        seg = np.cumsum(seg_first) - 1
-        cp, cn = np.cumsum(pos), np.cumsum(neg)
-        cpos = cp - (cp - pos)[seg_first][seg]
-        cneg = cn - (cn - neg)[seg_first][seg]
-        # every slot saw exactly the pixels the coarse pass counted in its bin
-        present = np.unique(vslot)
-        if present.size != k1 - k0:
-            missing = sorted(set(range(k0, k1)) - set(present.tolist()))
-            raise RuntimeError(
-                f"the refinement pass saw other data than the coarse pass (bin {int(bins[missing[0]])}: no pixels)"
-            )
-        tot_pos = np.bincount(vslot, weights=pos, minlength=bins.size).astype(np.int64)[present]
-        tot_neg = np.bincount(vslot, weights=neg, minlength=bins.size).astype(np.int64)[present]
-        bad = np.flatnonzero((tot_pos != pos_d[at[present]]) | (tot_neg != neg_d[at[present]]))
+        P = int(pos_d.sum())
+        cross = np.flatnonzero(bins == self._cross_bin) if self._cross_bin is not None else []
+        out = {k: np.zeros(bins.size, np.int64) for k in ("pos", "neg", "a", "b")}
+        ap = np.zeros(bins.size, np.float64)
+        fpc, err = _kernels().finish_group(
+            self._table, self._dense_off, self._ovf, self._n_ovf, self._buf, self._start,
+            self._ptr, t0_d[at].astype(np.int64), f0_d[at].astype(np.int64), max(P, 1),
+            self.tpr_level, int(cross[0]) if len(cross) else -1, SORT_BELOW,
+            out["pos"], out["neg"], out["a"], out["b"], ap,
+        )
+        if err:
+            raise RuntimeError("the refinement pass saw other data than the coarse pass (more pixels)")
+        bad = np.flatnonzero((out["pos"] != pos_d[at]) | (out["neg"] != neg_d[at]))
         if bad.size:
-            k = int(present[bad[0]])
+            k = int(bad[0])
             raise RuntimeError(
                 "the refinement pass saw other data than the coarse pass (bin "
-                f"{int(bins[k])}: {int(tot_neg[bad[0]])}/{int(tot_pos[bad[0]])} vs "
+                f"{int(bins[k])}: {int(out['neg'][k])}/{int(out['pos'][k])} vs "
                 f"{int(neg_d[at[k]])}/{int(pos_d[at[k]])})"
             )
-        above = cpos - pos
-        if 2 * P * max(N, 1) < 2**62:
-            self._twice_within += 2 * int(np.dot(neg, above)) + int(np.dot(neg, pos))
-        else:  # beyond int64: exact Python integers
-            self._twice_within += sum(
-                2 * int(n) * int(a) + int(n) * int(p) for n, a, p in zip(neg, above, pos, strict=True)
-            )
-        tp = t0_d[at][vslot] + cpos
-        fp = f0_d[at][vslot] + cneg
-        has = pos > 0
-        ap = np.bincount(vslot[has], weights=pos[has] * (tp[has] / (tp[has] + fp[has])), minlength=bins.size)
-        for k in present:
-            self._ap_refined[int(bins[k])] = float(ap[k])
-        if self._cross_bin is not None:
-            hit = np.flatnonzero(bins[present] == self._cross_bin)
-            if hit.size:
-                mine = vslot == int(present[hit[0]])
-                j = int(np.argmax(tp[mine] / P >= self.tpr_level))
-                self._fp_at_cross = int(fp[mine][j])
+        # per bin a, b <= neg_b * pos_b < 2^62 (plan); summed as Python integers
+        self._twice_within += 2 * sum(int(x) for x in out["a"]) + sum(int(x) for x in out["b"])
+        for k, b in enumerate(bins):
+            self._ap_refined[int(b)] = float(ap[k])
+        if fpc >= 0:
+            self._fp_at_cross = int(fpc)
+        self._group = None
+        self._table = self._ovf = self._buf = np.zeros(0, dtype=np.uint8)
+        self._done += 1
 
     # ---- result ----------------------------------------------------------------------------------
 
@@ -422,7 +443,7 @@ def exact_metrics_float32(
     image), ``passes`` (coarse + refinement passes over the array, bounded extra memory), or
     ``auto`` (sort up to ``SORT_MAX`` elements).
     """
-    s, y = _flatten(scores, is_anomaly, valid)
+    s, y, _ = _flatten(scores, is_anomaly, valid)
     if method == "sort" or (method == "auto" and s.size <= SORT_MAX):
         return _sorted_metrics(s, y, tpr_level)
     if method not in ("auto", "passes"):
