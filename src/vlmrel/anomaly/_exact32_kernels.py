@@ -1,9 +1,11 @@
 """numba kernels of ``vlmrel.anomaly.exact32`` (see its docstring for what they count).
 
 Imported on first use, so importing ``exact32`` costs neither numba's import nor compilation.
-The kernels compile on their first call, or up front with ``exact32.compile_kernels()``;
-nothing is cached on disk (``cache=False``): no cache directory has to be writable and no
-compiled code can be stale. Every argument has one fixed dtype, so each kernel compiles once.
+The kernels compile on their first call, or up front with ``exact32.compile_kernels()``, and
+numba caches them on disk (``cache=True``; numba checks the source file's stamp and the CPU, so
+cached code is never stale, and it falls back to its user cache directory, or
+``NUMBA_CACHE_DIR``, when ``__pycache__`` is not writable). Every argument has one fixed dtype,
+so each kernel compiles once.
 
 Keys: ``u`` is the float32 bit pattern as uint32, widened to int64 inside the kernels. The key
 of ``u`` is ``u ^ 0xFFFFFFFF`` for a set sign bit, else ``u | 0x80000000``; ``-0.0`` (key
@@ -20,8 +22,8 @@ SUB = 1 << 17  # cells of a refined bin: 65536 low keys x (normal, anomaly)
 BLOCK = 1 << 14  # pixels the refinement kernel takes in two steps (stretch indices, then appends)
 WRAP = 1 << 16  # a uint16 table cell wraps every 65,536 increments; each wrap is logged in ``ovf``
 
-_OPTS = {"nogil": True, "cache": False, "boundscheck": False}
-_INNER = {"cache": False, "boundscheck": False}  # helpers, compiled with the kernels that call them
+_OPTS = {"nogil": True, "cache": True, "boundscheck": False}
+_INNER = {"cache": True, "boundscheck": False}  # helpers, compiled with the kernels that call them
 
 
 @njit(**_INNER)

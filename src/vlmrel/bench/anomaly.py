@@ -17,8 +17,9 @@ float32 path (``vlmrel.anomaly.exact32``: a coarse pass + refinement passes, num
 data are generated again for every pass, and that generation is not counted in
 ``metric_time_s``, which the stream splits into ``coarse_time_s``, ``refine_time_s`` and
 ``finish_time_s``). The kernels are compiled before the measurement, in the same child process;
-that one-time cost is reported as ``compile_time_s`` (numba import included), not in the metric
-time, and ``stream_metric_plus_compile_time_ratio_vs_float16`` gives the ratio with it.
+that cost is reported as ``compile_time_s`` (numba import included; a compilation on the first
+run, a load from numba's on-disk cache after it), not in the metric time, and
+``stream_metric_plus_compile_time_ratio_vs_float16`` gives the ratio with it.
 Targets: |dAUROC|, |dAUPR|, |dFPR95| <= 1e-9 against scikit-learn on ``--n32`` pixels; the
 400M-pixel stream within 2 GB peak RSS and <= 3x the float16 stream's metric time.
 """
