@@ -237,11 +237,39 @@ def drop_positions(
     return torch.cat(chunks)
 
 
-def _dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Inverted dropout of ``x`` (a new tensor; ``x`` is untouched)."""
-    idx = drop_positions(x.numel(), p, generator, device=x.device)
+def _positions(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """:func:`drop_positions` on ``device``; on the CPU with one intra-op thread.
+
+    The mask stream is ~20 small ops per site (about ``p n`` elements each). Split over OpenMP
+    threads they gain microseconds on an idle machine, but every one of them waits at a barrier
+    for its slowest thread, and on a shared machine a descheduled thread stalls each op for a
+    scheduler slice (milliseconds): see "Performance" in the module docstring. Integer ops, and a
+    float guess corrected exactly, so the positions do not depend on the thread count.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        return drop_positions(n, p, generator, device=device)
+    torch.set_num_threads(1)
+    try:
+        return drop_positions(n, p, generator, device=device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dropout(x: torch.Tensor, p: float, generator: torch.Generator, *, inplace: bool = False) -> torch.Tensor:
+    """Inverted dropout of ``x``: a new tensor (``x`` untouched), or ``x`` itself when ``inplace``.
+
+    ``inplace`` is for a fresh tensor no one else holds (a linear map's output): it is scaled and
+    masked where it lies, saving an allocation and a copy per site; the values are the same bit
+    for bit (the same scalar multiply; a non-contiguous ``x`` falls back to the copy, since the
+    positions index the row-major order).
+    """
+    idx = _positions(x.numel(), p, generator, x.device)
     # a Python-float scalar multiplies bf16/fp16 in float32 (opmath), so 1/(1-p) is not rounded
-    y = x.mul(1.0 / (1.0 - p)).contiguous()
+    if inplace and x.is_contiguous():
+        y = x.mul_(1.0 / (1.0 - p))
+    else:
+        y = x.mul(1.0 / (1.0 - p)).contiguous()
     y.view(-1).index_fill_(0, idx, 0)
     return y
 
@@ -311,7 +339,8 @@ class Injection:
         return _dropout(w, self.p if target is None else self.rate(target), self.generator)
 
     def noise_output(self, y: torch.Tensor, target: str | None = None) -> torch.Tensor:
-        return _dropout(y, self.p if target is None else self.rate(target), self.generator)
+        """Inverted dropout of a linear map's output ``y``, in place (``y`` must be fresh)."""
+        return _dropout(y, self.p if target is None else self.rate(target), self.generator, inplace=True)
 
     def remove(self) -> None:
         """Restore every patched module's own forward."""
