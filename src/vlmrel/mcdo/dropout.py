@@ -274,6 +274,35 @@ def _dropout(x: torch.Tensor, p: float, generator: torch.Generator, *, inplace: 
     return y
 
 
+def _scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``F.linear(x, weight, bias) * scale`` with the scale folded into the GEMM (addmm's alpha, beta).
+
+    One rounding: a bf16 result is ``round(scale * (x W^T + b))`` from the float32 accumulator,
+    where ``F.linear(...).mul_(scale)`` gives ``round(scale * round(x W^T + b))`` (within one
+    bf16 ulp of each other), and the separate pass over the output is saved.
+    """
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), beta=scale, alpha=scale)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_dropout(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Inverted dropout on the output of ``F.linear(x, weight, bias)`` (the ``output`` kind).
+
+    In bf16/fp16 (with a bias) the 1/(1-p) scale is folded into the GEMM (:func:`_scaled_linear`)
+    and only the zeros are written after it; in float32/float64 this is exactly
+    ``_dropout(F.linear(x, weight, bias), p, generator)`` (the same bits). The mask is the same
+    in every dtype.
+    """
+    if x.dtype in _LOW_PRECISION and bias is not None and x.dim() >= 2 and p > 0.0:
+        y = _scaled_linear(x, weight, bias, 1.0 / (1.0 - p))
+        idx = _positions(y.numel(), p, generator, y.device)
+        y.view(-1).index_fill_(0, idx, 0)
+        return y
+    return _dropout(F.linear(x, weight, bias), p, generator, inplace=True)
+
+
 def _gaussian(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Multiplicative N(1, p/(1-p)) noise: the variance of inverted dropout at rate p.
 
@@ -342,6 +371,14 @@ class Injection:
         """Inverted dropout of a linear map's output ``y``, in place (``y`` must be fresh)."""
         return _dropout(y, self.p if target is None else self.rate(target), self.generator, inplace=True)
 
+    def linear_output(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: str | None = None
+    ) -> torch.Tensor:
+        """``noise_output(F.linear(x, weight, bias))``, the scale folded into the GEMM in bf16."""
+        return _linear_dropout(
+            x, weight, bias, self.p if target is None else self.rate(target), self.generator
+        )
+
     def remove(self) -> None:
         """Restore every patched module's own forward."""
         for module in self._patched:
@@ -369,6 +406,8 @@ def _linear_forward(inj: Injection, module: nn.Linear, target: str) -> Callable[
         if inj.kind == "dropconnect":
             return F.linear(x, inj.noise_weight(module.weight, target), module.bias)
         if inj.kind in OUTPUT_KINDS:
+            if type(module).forward is nn.Linear.forward:  # a plain Linear: F.linear, scale folded in
+                return inj.linear_output(x, module.weight, module.bias, target)
             return inj.noise_output(original(x), target)
         return original(inj.noise_input(x, target))
 
@@ -485,10 +524,11 @@ def mha_functional(
             return inj.noise_input(x, target)
         return x
 
-    def on_output(target: str, y: torch.Tensor) -> torch.Tensor:
+    def project(target: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``project(target, x, w, b)``."""
         if inj is not None and inj.kind in OUTPUT_KINDS and inj.is_active(target):
-            return inj.noise_output(y, target)
-        return y
+            return inj.linear_output(x, w, b, target)
+        return F.linear(on_input(target, x), w, b)
 
     def on_weight(target: str, w: torch.Tensor) -> torch.Tensor:
         if inj is None:
@@ -516,24 +556,24 @@ def mha_functional(
         t = targets[0]
         w = on_weight(t, mha.in_proj_weight)
         if self_attn:
-            q, k, v = on_output(t, F.linear(on_input(t, query), w, bias)).chunk(3, dim=-1)
+            q, k, v = project(t, query, w, bias).chunk(3, dim=-1)
         else:
             w_q, w_kv = w.split([embed, 2 * embed])
             b_kv = None if bias is None else bias[embed:]
-            q = on_output(t, F.linear(on_input(t, query), w_q, b_q))
+            q = project(t, query, w_q, b_q)
             if same_kv:
-                k, v = on_output(t, F.linear(on_input(t, key), w_kv, b_kv)).chunk(2, dim=-1)
+                k, v = project(t, key, w_kv, b_kv).chunk(2, dim=-1)
             else:
                 w_k, w_v = w_kv.split([embed, embed])
-                k = on_output(t, F.linear(on_input(t, key), w_k, b_k))
-                v = on_output(t, F.linear(on_input(t, value), w_v, b_v))
+                k = project(t, key, w_k, b_k)
+                v = project(t, value, w_v, b_v)
     else:
         w_q = on_weight(targets[0], mha.q_proj_weight)
         w_k = on_weight(targets[1], mha.k_proj_weight)
         w_v = on_weight(targets[2], mha.v_proj_weight)
-        q = on_output(targets[0], F.linear(on_input(targets[0], query), w_q, b_q))
-        k = on_output(targets[1], F.linear(on_input(targets[1], key), w_k, b_k))
-        v = on_output(targets[2], F.linear(on_input(targets[2], value), w_v, b_v))
+        q = project(targets[0], query, w_q, b_q)
+        k = project(targets[1], key, w_k, b_k)
+        v = project(targets[2], value, w_v, b_v)
 
     bsz, tgt_len, _ = q.shape
     src_len = k.shape[1]
