@@ -64,6 +64,61 @@ copies it to the device.
 Variances are accumulated as float64 sums of deviations from the first pass (shifted data),
 not as ``sumsq/T - mean**2`` in float32, which cancels when the dropout noise is small against
 the feature mean (seed 002, defect 8).
+
+Performance (``python -m vlmrel.bench mcdo``: open_clip ViT-B/32, 224 px, bf16 weights, batch 32,
+p = 0.01, kind ``output``; the 2-core AMD EPYC with avx512_bf16 this project is developed on).
+Where a pass's time goes, by op (``torch.profiler``, one intra-op thread, so that the shares are
+not distorted by other jobs on the shared cores):
+
+============================================  ========  ========
+op                                            before    now
+============================================  ========  ========
+linear maps (``addmm``, bias copy included)   74 %      76 %
+QuickGELU (``mul``, ``sigmoid``, ``mul``)     ~9.5 %    9.7 %
+output-dropout scale (``mul``, a copy)        ~3.5 %    0
+attention (``scaled_dot_product_attention``)  5.7 %     5.9 %
+patch embedding (``conv1``, 32x32 stride 32)  2.5 %     3.3 %
+mask positions (the stream), ``index_fill_``  2 %       2.6 %
+LayerNorm, residual adds                      1.6 %     1.3 %
+float64 accumulation, casts of [B, 512]       < 0.1 %   < 0.1 %
+============================================  ========  ========
+
+So about three quarters of a pass are the GEMMs, and those run at the machine's matmul peak: at
+batch 32 a linear map is a [1600, 768] x [768, N] product, and all four shapes (N = 2304, 768,
+3072, and 768 from K = 3072) reach 400-430 GFLOP/s with 2 threads, as a 2048^3 product does
+(410), so larger batches gain nothing. The ceiling of ``fraction_of_peak`` for this eager tower
+is therefore about 0.75-0.8 on an idle machine; the rest is open_clip's QuickGELU (three bf16
+elementwise passes over the [B, 50, 3072] MLP activation: the largest non-GEMM cost), the
+attention (at 50 tokens the CPU flash kernel takes 6 ms per block at batch 32; a bmm-softmax-bmm
+in bf16 takes 3 ms but rounds the logits and probabilities to bf16, four times the flash
+kernel's error against float64, so the flash kernel stays), the patch convolution, and the masks.
+
+What changed for speed (same masks; results as stated):
+
+- ``output`` kind in bf16/fp16: the 1/(1 - p) scale is folded into the GEMM (``torch.addmm``'s
+  ``alpha`` and ``beta``, :func:`_linear_dropout`), so no pass over the output is made to scale
+  it and the output is rounded once (``round(s (xW + b))`` instead of
+  ``round(s round(xW + b))``; they differ by at most one bf16 ulp, and the bench's
+  ``spearman_vs_fp64`` for this kind went from 0.988 to 0.997, since bf16 rounding of the
+  activations is the error that reorders images whose traces differ by a few percent). float32
+  and float64 are unchanged bit for bit. Other output-kind sites (a Linear subclass with its own
+  forward, a Linear without bias) scale and mask the fresh output in place (no copy; same bits).
+- Mask positions are computed with one intra-op thread on the CPU (:func:`_positions`): the
+  stream is ~20 small ops per site on ~p n elements, above OpenMP's grain size at batch 32, so
+  each is split over the threads and waits at a barrier; when another process holds one of the
+  two cores, every such op waits a scheduler slice for the descheduled thread (milliseconds,
+  against tens of microseconds of work). In a 2-thread profile at loadavg 2 the mask ops took
+  29 % of a pass (the GEMMs 38 %); at loadavg 5, single-thread positions made the median pass
+  1.4x faster (4.7 against 3.3 img/s, interleaved in one process).
+- Not adopted: ``torch.compile`` of the injected tower (mask positions kept out of the graph with
+  ``torch.compiler.disable``; 48 graph breaks per pass) compiled in 199 s and made a batch-16
+  pass about 10 % faster (fused QuickGELU, LayerNorm, adds), but changes bf16 bits (max |diff|
+  0.04 on features of magnitude 3.6) and recompiles per batch size and kind: it would need
+  hundreds of passes to pay for itself and a second set of reference numbers.
+
+On a shared machine the measured ``fraction_of_peak`` is mostly a measure of the load: the bench
+records ``loadavg`` and measures the matmul peak before and after the timed runs (the larger
+counts), and vlmrel's rate is sustained over the whole trial while the peak is a best-of-8 burst.
 """
 
 from __future__ import annotations
