@@ -95,9 +95,9 @@ kernel's error against float64, so the flash kernel stays), the patch convolutio
 
 What changed for speed (same masks; results as stated):
 
-- ``output`` kind in bf16/fp16: the 1/(1 - p) scale is folded into the GEMM (``torch.addmm``'s
-  ``alpha`` and ``beta``, :func:`_linear_dropout`), so no pass over the output is made to scale
-  it and the output is rounded once (``round(s (xW + b))`` instead of
+- ``output`` (and ``seed002``) kind in bf16/fp16: the 1/(1 - p) scale is folded into the GEMM
+  (``torch.addmm``'s ``alpha`` and ``beta``, :func:`_linear_dropout`), so no pass over the
+  output is made to scale it and the output is rounded once (``round(s (xW + b))`` instead of
   ``round(s round(xW + b))``; they differ by at most one bf16 ulp, and the bench's
   ``spearman_vs_fp64`` for this kind went from 0.988 to 0.997, since bf16 rounding of the
   activations is the error that reorders images whose traces differ by a few percent). float32
