@@ -1,21 +1,34 @@
 """Benchmark: MC-dropout trial throughput on ViT-B/32 at 224 px (seeded random weights).
 
-Compares, in one process, on the same images and the same dropout masks:
+Compares, in one process, on the same images and the same dropout masks, for the workflow's
+default dropout kind (``output``; ``--kind`` picks another):
 
 (a) seed 002's reference loop: fp32 model, features moved to CPU float64 after every pass,
     variance as sumsq/T - mean^2;
 (b) vlmrel's default path: :func:`vlmrel.mcdo.run_trial` on a bf16 model.
 
-Also measures the machine's fp32 and bf16 matmul peak and the per-image ranking agreement of
-(b) with a float64 computation under identical masks.
+Also measures the device's fp32 and bf16 matmul peak (best of several n x n products, measured
+before and after the timed runs; the larger is used, so a quiet moment during either raises the
+peak, never the fraction), the per-image ranking agreement of (b) with a float64 computation
+under identical masks, and (``--also-kinds``, default ``input``) vlmrel's throughput for other
+kinds (no reference loop for those).
 
-    python -m vlmrel.bench mcdo --json [--images 64] [--passes 8] [--batch-size 32]
+``--device cuda`` runs everything on the GPU (``torch.cuda.synchronize`` around every timing,
+the matmul peak at n = 8192) and reports the same keys plus ``device_name``; without a visible
+CUDA device it exits with an error. The load average (``loadavg``) is recorded: on a shared
+machine the timed runs and the peak can see different contention (``fraction_of_peak`` is
+vlmrel's sustained rate against the best burst, so contention lowers it).
+
+    python -m vlmrel.bench mcdo --json [--images 48] [--passes 8] [--batch-size 32] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import platform
 import sys
 import time
 from typing import Any
@@ -36,21 +49,79 @@ def vit_flops_per_image(
     return float(patch_embed + layers * (linear + attention) + 2 * width * out_dim)
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 8) -> float:
-    """Best-of-``repeats`` GFLOP/s of an n x n matmul in ``dtype_name``."""
+def synchronize(device: Any) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU): call around every timing."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 8, device: Any = "cpu") -> float:
+    """Best-of-``repeats`` GFLOP/s of an n x n matmul in ``dtype_name`` on ``device``."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     a @ b
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best / 1e9
+
+
+def device_name(device: Any) -> str:
+    """The GPU's name (``torch.cuda.get_device_name``), or the CPU's model name."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return str(torch.cuda.get_device_name(dev))
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def check_device(device: str) -> str | None:
+    """Why ``device`` cannot run this benchmark (None when it can)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        return f"--device {device!r}: {exc}"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"--device {device!r}: only cpu and cuda are supported"
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "none"
+        return (
+            f"--device {device}: no CUDA device is available (torch {torch.__version__}, "
+            f"built with CUDA {built}, torch.cuda.device_count() = {torch.cuda.device_count()})"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -71,16 +142,25 @@ def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def reference_loop(
-    encoder: Any, batches: list[tuple[list[str], np.ndarray]], p: float, seed: int, T: int
+    encoder: Any,
+    batches: list[tuple[list[str], np.ndarray]],
+    p: float,
+    seed: int,
+    T: int,
+    kind: str = "output",
 ) -> np.ndarray:
-    """Seed 002's pattern: fp32 passes, per-pass .cpu().double(), sum/sumsq accumulation."""
+    """Seed 002's pattern: fp32 passes, per-pass .cpu().double(), sum/sumsq accumulation.
+
+    The masks are run_trial's (same generator seeding per batch and pass) at the dropout site
+    ``kind``.
+    """
     import torch
 
     from vlmrel.mcdo.dropout import inject_dropout, pass_seed
 
     generator = torch.Generator().manual_seed(seed)
     traces = []
-    with inject_dropout(encoder.vision, p, generator):
+    with inject_dropout(encoder.vision, p, generator, kind):
         for b, (_ids, pixels) in enumerate(batches):
             x = encoder.prepare(pixels)
             s = sq = None
@@ -96,6 +176,8 @@ def reference_loop(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlmrel.mcdo.dropout import KINDS
+
     parser = argparse.ArgumentParser(prog="python -m vlmrel.bench mcdo", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--images", type=int, default=48)
@@ -103,7 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--p", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kind", default="output", choices=KINDS, help="dropout site (default: the workflow's, output)"
+    )
+    parser.add_argument(
+        "--also-kinds",
+        default="input",
+        help="comma-separated kinds whose vlmrel throughput is also measured (no reference loop); '' for none",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--peak-n",
+        type=int,
+        default=None,
+        help="matmul size of the peak measurement (default 2048 cpu, 8192 cuda)",
+    )
     parser.add_argument(
         "--fp64-passes",
         type=int,
@@ -112,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-fp64", action="store_true", help="skip the float64 ranking check")
     args = parser.parse_args(argv)
+    also = [k for k in (x.strip() for x in args.also_kinds.split(",")) if k and k != args.kind]
+    unknown = sorted(set(also) - set(KINDS))
+    if unknown:
+        parser.error(f"--also-kinds: unknown kinds {unknown}; choose from {KINDS}")
+    why = check_device(args.device)
+    if why:
+        parser.error(why)  # exits with status 2
 
     import torch
     from scipy.stats import spearmanr
@@ -121,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = args.device
+    peak_n = args.peak_n or (8192 if torch.device(device).type == "cuda" else 2048)
     started = time.perf_counter()
+    load_before = _loadavg()
     spec = ModelSpec(
         name="vitb32_random",
         backend="open_clip",
@@ -138,28 +245,64 @@ def main(argv: list[str] | None = None) -> int:
     ids = [f"img{i:05d}" for i in range(n)]
     batches = [(ids[i : i + bs], pixels[i : i + bs]) for i in range(0, n, bs)]
 
-    fp32 = load_encoder(spec, precision="fp32")
-    bf16 = load_encoder(spec, precision="bf16")
+    fp32 = load_encoder(spec, device=device, precision="fp32")
+    bf16 = load_encoder(spec, device=device, precision="bf16")
     warm = pixels[: min(4, n)]
     fp32.encode_image(warm)
     bf16.encode_image(warm)
+    peaks = {d: [matmul_peak(d, n=peak_n, device=device)] for d in ("float32", "bfloat16")}
 
-    t0 = time.perf_counter()
-    ref_trace = reference_loop(fp32, batches, args.p, args.seed, T)
-    ref_s = time.perf_counter() - t0
+    def timed(fn: Any) -> tuple[Any, float]:
+        synchronize(device)
+        t0 = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        return result, time.perf_counter() - t0
+
+    ref_trace, ref_s = timed(
+        functools.partial(reference_loop, fp32, batches, args.p, args.seed, T, args.kind)
+    )
     del fp32
 
-    t0 = time.perf_counter()
     t64 = max(2, min(args.fp64_passes, T))
-    res = run_trial(bf16, batches, p=args.p, seed=args.seed, trial=0, T_list=sorted({t64, T}), progress=False)
-    ours_s = time.perf_counter() - t0
+    res, ours_s = timed(
+        lambda: run_trial(
+            bf16,
+            batches,
+            p=args.p,
+            seed=args.seed,
+            trial=0,
+            T_list=sorted({t64, T}),
+            kind=args.kind,
+            progress=False,
+        )
+    )
+    other_s = {}
+    for kind in also:
+        _, other_s[kind] = timed(
+            lambda kind=kind: run_trial(
+                bf16, batches, p=args.p, seed=args.seed, trial=0, T_list=[T], kind=kind, progress=False
+            )
+        )
 
     out: dict[str, Any] = {}
     if not args.no_fp64:
-        fp64 = load_encoder(spec, precision="fp64")
-        t0 = time.perf_counter()
-        ref64 = run_trial(fp64, batches, p=args.p, seed=args.seed, trial=0, T_list=[t64], progress=False)
-        out["fp64_seconds"] = round(time.perf_counter() - t0, 2)
+        fp64 = load_encoder(spec, device=device, precision="fp64")
+        ref64, fp64_s = timed(
+            functools.partial(
+                run_trial,
+                fp64,
+                batches,
+                p=args.p,
+                seed=args.seed,
+                trial=0,
+                T_list=[t64],
+                kind=args.kind,
+                progress=False,
+            )
+        )
+        del fp64
+        out["fp64_seconds"] = round(fp64_s, 2)
         out["fp64_passes"] = t64
         # same masks: the bf16 run's T=t64 snapshot saw exactly the fp64 run's passes
         ours = res.T.index(t64)
@@ -172,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         out["bf16_trace_rel_err_median"] = float(np.median(rel))
         out["trace_pre_cv_across_images"] = float(np.std(ref64.trace_pre[-1]) / np.mean(ref64.trace_pre[-1]))
 
-    peak32 = matmul_peak("float32")
-    peak16 = matmul_peak("bfloat16")
+    for d in peaks:
+        peaks[d].append(matmul_peak(d, n=peak_n, device=device))
+    peak32, peak16 = max(peaks["float32"]), max(peaks["bfloat16"])
     flops = vit_flops_per_image(224, 32, 768, 12, 4.0, 512)
     ref_ips = n * T / ref_s
     ours_ips = n * T / ours_s
@@ -181,11 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         {
             "benchmark": "mcdo",
             "model": "open_clip ViT-B-32 (random weights), 224 px",
+            "device": str(torch.device(device)),
+            "device_name": device_name(device),
             "images": n,
             "passes": T,
             "batch_size": bs,
             "p": args.p,
-            "kind": "input",
+            "kind": args.kind,
             "reference_ips": round(ref_ips, 2),
             "vlmrel_ips": round(ours_ips, 2),
             "speedup": round(ours_ips / ref_ips, 3),
@@ -195,12 +341,22 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "vlmrel_seconds": round(ours_s, 2),
             "gflop_per_image": round(flops / 1e9, 3),
+            "matmul_n": peak_n,
             "matmul_peak_gflops_fp32": round(peak32, 1),
             "matmul_peak_gflops_bf16": round(peak16, 1),
+            "matmul_peak_gflops_bf16_before_after": [round(v, 1) for v in peaks["bfloat16"]],
             "achieved_gflops_vlmrel": round(ours_ips * flops / 1e9, 1),
             "fraction_of_peak": round(ours_ips * flops / (peak16 * 1e9), 3),
+            "other_kinds": {
+                kind: {
+                    "vlmrel_ips": round(n * T / sec, 2),
+                    "fraction_of_peak": round(n * T / sec * flops / (peak16 * 1e9), 3),
+                }
+                for kind, sec in other_s.items()
+            },
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "loadavg": {"before": load_before, "after": _loadavg()},
             "total_seconds": round(time.perf_counter() - started, 1),
         }
     )

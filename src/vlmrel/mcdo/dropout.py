@@ -64,6 +64,61 @@ copies it to the device.
 Variances are accumulated as float64 sums of deviations from the first pass (shifted data),
 not as ``sumsq/T - mean**2`` in float32, which cancels when the dropout noise is small against
 the feature mean (seed 002, defect 8).
+
+Performance (``python -m vlmrel.bench mcdo``: open_clip ViT-B/32, 224 px, bf16 weights, batch 32,
+p = 0.01, kind ``output``; the 2-core AMD EPYC with avx512_bf16 this project is developed on).
+Where a pass's time goes, by op (``torch.profiler``, one intra-op thread, so that the shares are
+not distorted by other jobs on the shared cores):
+
+============================================  ========  ========
+op                                            before    now
+============================================  ========  ========
+linear maps (``addmm``, bias copy included)   74 %      76 %
+QuickGELU (``mul``, ``sigmoid``, ``mul``)     ~9.5 %    9.7 %
+output-dropout scale (``mul``, a copy)        ~3.5 %    0
+attention (``scaled_dot_product_attention``)  5.7 %     5.9 %
+patch embedding (``conv1``, 32x32 stride 32)  2.5 %     3.3 %
+mask positions (the stream), ``index_fill_``  2 %       2.6 %
+LayerNorm, residual adds                      1.6 %     1.3 %
+float64 accumulation, casts of [B, 512]       < 0.1 %   < 0.1 %
+============================================  ========  ========
+
+So about three quarters of a pass are the GEMMs, and those run at the machine's matmul peak: at
+batch 32 a linear map is a [1600, 768] x [768, N] product, and all four shapes (N = 2304, 768,
+3072, and 768 from K = 3072) reach 400-430 GFLOP/s with 2 threads, as a 2048^3 product does
+(410), so larger batches gain nothing. The ceiling of ``fraction_of_peak`` for this eager tower
+is therefore about 0.75-0.8 on an idle machine; the rest is open_clip's QuickGELU (three bf16
+elementwise passes over the [B, 50, 3072] MLP activation: the largest non-GEMM cost), the
+attention (at 50 tokens the CPU flash kernel takes 6 ms per block at batch 32; a bmm-softmax-bmm
+in bf16 takes 3 ms but rounds the logits and probabilities to bf16, four times the flash
+kernel's error against float64, so the flash kernel stays), the patch convolution, and the masks.
+
+What changed for speed (same masks; results as stated):
+
+- ``output`` (and ``seed002``) kind in bf16/fp16: the 1/(1 - p) scale is folded into the GEMM
+  (``torch.addmm``'s ``alpha`` and ``beta``, :func:`_linear_dropout`), so no pass over the
+  output is made to scale it and the output is rounded once (``round(s (xW + b))`` instead of
+  ``round(s round(xW + b))``; they differ by at most one bf16 ulp, and the bench's
+  ``spearman_vs_fp64`` for this kind went from 0.988 to 0.997, since bf16 rounding of the
+  activations is the error that reorders images whose traces differ by a few percent). float32
+  and float64 are unchanged bit for bit. Other output-kind sites (a Linear subclass with its own
+  forward, a Linear without bias) scale and mask the fresh output in place (no copy; same bits).
+- Mask positions are computed with one intra-op thread on the CPU (:func:`_positions`): the
+  stream is ~20 small ops per site on ~p n elements, above OpenMP's grain size at batch 32, so
+  each is split over the threads and waits at a barrier; when another process holds one of the
+  two cores, every such op waits a scheduler slice for the descheduled thread (milliseconds,
+  against tens of microseconds of work). In a 2-thread profile at loadavg 2 the mask ops took
+  29 % of a pass (the GEMMs 38 %); at loadavg 5, single-thread positions made the median pass
+  1.4x faster (4.7 against 3.3 img/s, interleaved in one process).
+- Not adopted: ``torch.compile`` of the injected tower (mask positions kept out of the graph with
+  ``torch.compiler.disable``; 48 graph breaks per pass) compiled in 199 s and made a batch-16
+  pass about 10 % faster (fused QuickGELU, LayerNorm, adds), but changes bf16 bits (max |diff|
+  0.04 on features of magnitude 3.6) and recompiles per batch size and kind: it would need
+  hundreds of passes to pay for itself and a second set of reference numbers.
+
+On a shared machine the measured ``fraction_of_peak`` is mostly a measure of the load: the bench
+records ``loadavg`` and measures the matmul peak before and after the timed runs (the larger
+counts), and vlmrel's rate is sustained over the whole trial while the peak is a best-of-8 burst.
 """
 
 from __future__ import annotations
@@ -237,13 +292,70 @@ def drop_positions(
     return torch.cat(chunks)
 
 
-def _dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Inverted dropout of ``x`` (a new tensor; ``x`` is untouched)."""
-    idx = drop_positions(x.numel(), p, generator, device=x.device)
+def _positions(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """:func:`drop_positions` on ``device``; on the CPU with one intra-op thread.
+
+    The mask stream is ~20 small ops per site (about ``p n`` elements each). Split over OpenMP
+    threads they gain microseconds on an idle machine, but every one of them waits at a barrier
+    for its slowest thread, and on a shared machine a descheduled thread stalls each op for a
+    scheduler slice (milliseconds): see "Performance" in the module docstring. Integer ops, and a
+    float guess corrected exactly, so the positions do not depend on the thread count.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        return drop_positions(n, p, generator, device=device)
+    torch.set_num_threads(1)
+    try:
+        return drop_positions(n, p, generator, device=device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dropout(x: torch.Tensor, p: float, generator: torch.Generator, *, inplace: bool = False) -> torch.Tensor:
+    """Inverted dropout of ``x``: a new tensor (``x`` untouched), or ``x`` itself when ``inplace``.
+
+    ``inplace`` is for a fresh tensor no one else holds (a linear map's output): it is scaled and
+    masked where it lies, saving an allocation and a copy per site; the values are the same bit
+    for bit (the same scalar multiply; a non-contiguous ``x`` falls back to the copy, since the
+    positions index the row-major order).
+    """
+    idx = _positions(x.numel(), p, generator, x.device)
     # a Python-float scalar multiplies bf16/fp16 in float32 (opmath), so 1/(1-p) is not rounded
-    y = x.mul(1.0 / (1.0 - p)).contiguous()
+    if inplace and x.is_contiguous():
+        y = x.mul_(1.0 / (1.0 - p))
+    else:
+        y = x.mul(1.0 / (1.0 - p)).contiguous()
     y.view(-1).index_fill_(0, idx, 0)
     return y
+
+
+def _scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``F.linear(x, weight, bias) * scale`` with the scale folded into the GEMM (addmm's alpha, beta).
+
+    One rounding: a bf16 result is ``round(scale * (x W^T + b))`` from the float32 accumulator,
+    where ``F.linear(...).mul_(scale)`` gives ``round(scale * round(x W^T + b))`` (within one
+    bf16 ulp of each other), and the separate pass over the output is saved.
+    """
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), beta=scale, alpha=scale)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_dropout(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Inverted dropout on the output of ``F.linear(x, weight, bias)`` (the ``output`` kind).
+
+    In bf16/fp16 (with a bias) the 1/(1-p) scale is folded into the GEMM (:func:`_scaled_linear`)
+    and only the zeros are written after it; in float32/float64 this is exactly
+    ``_dropout(F.linear(x, weight, bias), p, generator)`` (the same bits). The mask is the same
+    in every dtype.
+    """
+    if x.dtype in _LOW_PRECISION and bias is not None and x.dim() >= 2 and p > 0.0:
+        y = _scaled_linear(x, weight, bias, 1.0 / (1.0 - p))
+        idx = _positions(y.numel(), p, generator, y.device)
+        y.view(-1).index_fill_(0, idx, 0)
+        return y
+    return _dropout(F.linear(x, weight, bias), p, generator, inplace=True)
 
 
 def _gaussian(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -311,7 +423,16 @@ class Injection:
         return _dropout(w, self.p if target is None else self.rate(target), self.generator)
 
     def noise_output(self, y: torch.Tensor, target: str | None = None) -> torch.Tensor:
-        return _dropout(y, self.p if target is None else self.rate(target), self.generator)
+        """Inverted dropout of a linear map's output ``y``, in place (``y`` must be fresh)."""
+        return _dropout(y, self.p if target is None else self.rate(target), self.generator, inplace=True)
+
+    def linear_output(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: str | None = None
+    ) -> torch.Tensor:
+        """``noise_output(F.linear(x, weight, bias))``, the scale folded into the GEMM in bf16."""
+        return _linear_dropout(
+            x, weight, bias, self.p if target is None else self.rate(target), self.generator
+        )
 
     def remove(self) -> None:
         """Restore every patched module's own forward."""
@@ -340,6 +461,8 @@ def _linear_forward(inj: Injection, module: nn.Linear, target: str) -> Callable[
         if inj.kind == "dropconnect":
             return F.linear(x, inj.noise_weight(module.weight, target), module.bias)
         if inj.kind in OUTPUT_KINDS:
+            if type(module).forward is nn.Linear.forward:  # a plain Linear: F.linear, scale folded in
+                return inj.linear_output(x, module.weight, module.bias, target)
             return inj.noise_output(original(x), target)
         return original(inj.noise_input(x, target))
 
@@ -456,10 +579,11 @@ def mha_functional(
             return inj.noise_input(x, target)
         return x
 
-    def on_output(target: str, y: torch.Tensor) -> torch.Tensor:
+    def project(target: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``project(target, x, w, b)``."""
         if inj is not None and inj.kind in OUTPUT_KINDS and inj.is_active(target):
-            return inj.noise_output(y, target)
-        return y
+            return inj.linear_output(x, w, b, target)
+        return F.linear(on_input(target, x), w, b)
 
     def on_weight(target: str, w: torch.Tensor) -> torch.Tensor:
         if inj is None:
@@ -487,24 +611,24 @@ def mha_functional(
         t = targets[0]
         w = on_weight(t, mha.in_proj_weight)
         if self_attn:
-            q, k, v = on_output(t, F.linear(on_input(t, query), w, bias)).chunk(3, dim=-1)
+            q, k, v = project(t, query, w, bias).chunk(3, dim=-1)
         else:
             w_q, w_kv = w.split([embed, 2 * embed])
             b_kv = None if bias is None else bias[embed:]
-            q = on_output(t, F.linear(on_input(t, query), w_q, b_q))
+            q = project(t, query, w_q, b_q)
             if same_kv:
-                k, v = on_output(t, F.linear(on_input(t, key), w_kv, b_kv)).chunk(2, dim=-1)
+                k, v = project(t, key, w_kv, b_kv).chunk(2, dim=-1)
             else:
                 w_k, w_v = w_kv.split([embed, embed])
-                k = on_output(t, F.linear(on_input(t, key), w_k, b_k))
-                v = on_output(t, F.linear(on_input(t, value), w_v, b_v))
+                k = project(t, key, w_k, b_k)
+                v = project(t, value, w_v, b_v)
     else:
         w_q = on_weight(targets[0], mha.q_proj_weight)
         w_k = on_weight(targets[1], mha.k_proj_weight)
         w_v = on_weight(targets[2], mha.v_proj_weight)
-        q = on_output(targets[0], F.linear(on_input(targets[0], query), w_q, b_q))
-        k = on_output(targets[1], F.linear(on_input(targets[1], key), w_k, b_k))
-        v = on_output(targets[2], F.linear(on_input(targets[2], value), w_v, b_v))
+        q = project(targets[0], query, w_q, b_q)
+        k = project(targets[1], key, w_k, b_k)
+        v = project(targets[2], value, w_v, b_v)
 
     bsz, tgt_len, _ = q.shape
     src_len = k.shape[1]
