@@ -55,13 +55,16 @@ class _Counters:
     peak_inflight: int = 0
     processing: int = 0
     peak_processing: int = 0
+    slot_s: float = 0.0
 
 
 class Simulator:
     """A simulated VLM server on 127.0.0.1 (a simulator, not a model); a context manager.
 
     ``sim.url`` is the Ollama base URL, ``sim.openai_url`` the OpenAI one (``.../v1``);
-    ``sim.stats()`` returns counters (requests by path, faults, peak concurrency).
+    ``sim.stats()`` returns counters (requests by path, faults, peak concurrency: requests
+    in the server, ``peak_processing``: requests holding a slot, ``slot_s``: seconds of slot
+    time, summed over requests, so ``slot_s / (wall * slots)`` is how busy the slots were).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class Simulator:
                 "overloaded": c.overloaded,
                 "peak_concurrency": c.peak_inflight,
                 "peak_processing": c.peak_processing,
+                "slot_s": c.slot_s,
             }
 
     def reset_stats(self) -> None:
@@ -165,11 +169,12 @@ class Simulator:
             elif what == "overloaded":
                 self._counters.overloaded += 1
 
-    def _processing(self, delta: int) -> None:
+    def _processing(self, delta: int, held_s: float = 0.0) -> None:
         with self._lock:
             c = self._counters
             c.processing += delta
             c.peak_processing = max(c.peak_processing, c.processing)
+            c.slot_s += held_s
 
     def draw_fault(self, key: str, attempt: int) -> str | None:
         cfg = self.config
@@ -361,7 +366,7 @@ def _make_handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                     self._error(500, f"simulator error: {type(exc).__name__}: {exc}", api)
                 raise
             finally:
-                sim._processing(-1)
+                sim._processing(-1, time.monotonic() - started)
                 if sim._slots is not None:
                     sim._slots.release()
 
