@@ -17,8 +17,9 @@ client's own retries off (``max_retries=0``): retries, backoff and failover belo
   which took ~2 ms a request); the reply is read from the JSON as is.
 
 A request is sent in two steps, so that the client can do the CPU work before a server
-slot is free: ``prepared = backend.prepare_chat(...)`` (no I/O; the same for every
-endpoint of a backend) and ``await backend.send_chat(prepared)``. ``chat(...)`` does both.
+slot is free: ``prepared = BackendClass.prepare_chat(...)`` (a static method: no I/O, no
+client, the same for every endpoint) and ``await backend.send_chat(prepared)``.
+``chat(...)`` does both.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ class Backend:
     ) -> ChatReply:
         raise NotImplementedError
 
+    @staticmethod
     def prepare_chat(
-        self,
         model: str,
         prompt: str,
         system: str | None,
@@ -280,8 +281,8 @@ class OpenAIBackend(Backend):
             self.prepare_chat(model, prompt, system, image, schema, structured_output, gen)
         )
 
+    @staticmethod
     def prepare_chat(
-        self,
         model: str,
         prompt: str,
         system: str | None,
