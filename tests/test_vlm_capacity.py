@@ -178,3 +178,18 @@ def test_openai_replies_without_an_answer_are_malformed(body: Any, kind: str) ->
     with pytest.raises(BackendError) as err:
         _openai_reply(body)
     assert err.value.kind == kind
+
+
+def test_bad_schema_raises_and_nothing_is_cached(tmp_path: Path) -> None:
+    """The schema check runs while the first requests are out; a bad one still fails the call."""
+    import jsonschema
+
+    bad = {"type": "object", "properties": {"x": {"type": "no-such-type"}}}
+    reqs = [vlm.Request(prompt=f"q{i}", schema=bad) for i in range(6)]
+    with Simulator(SimulatorConfig(enabled=True, latency_s=0.05, max_concurrency=2)) as sim:
+        cfg = _cfg(sim, tmp_path / "c.sqlite", 2)
+        with pytest.raises(jsonschema.SchemaError):
+            vlm.run_requests(cfg, reqs, progress=False)
+        assert sim.stats()["requests"] <= 2  # at most one per slot went out
+    with vlm.ResponseCache(tmp_path / "c.sqlite") as cache:
+        assert cache.count() == 0

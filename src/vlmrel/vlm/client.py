@@ -458,10 +458,9 @@ async def arun_requests(
     for i, r in enumerate(reqs):
         if not isinstance(r, Request):
             raise TypeError(f"request {i}: expected vlmrel.vlm.Request, got {type(r).__name__}")
-    for schema in {
-        json.dumps(r.schema, sort_keys=True): r.schema for r in reqs if r.schema is not None
-    }.values():
-        check_schema(schema)
+    schemas = list(
+        {json.dumps(r.schema, sort_keys=True): r.schema for r in reqs if r.schema is not None}.values()
+    )
     api_key = cfg.api_key()
     redact = _Redactor([api_key, *url_secrets(cfg.endpoints)])
     _quiet_http_loggers()
@@ -487,6 +486,21 @@ async def arun_requests(
     lookahead = asyncio.Semaphore(2 * pool.size)  # prepared requests not yet taken by a sender
     prepare_chat = BACKEND_CLASSES[cfg.backend].prepare_chat
     warned = [0]
+    first_round = asyncio.Event()  # set once every slot has taken a request, or nothing is left
+    started = [0]
+
+    async def check_schemas() -> None:
+        """Check the schemas while the first requests are on the wire: the first check imports
+        jsonschema (~0.1 s), which otherwise held up the first requests. No answer is
+        validated, cached or returned before the check passed; a bad schema raises from
+        :func:`run_requests` as before, after at most one request per slot was sent."""
+        await first_round.wait()
+        for _ in range(_SEND_FIRST_YIELDS):
+            await asyncio.sleep(0)
+        for schema in schemas:
+            check_schema(schema)
+
+    schemas_checked = asyncio.ensure_future(check_schemas())
 
     def finish(i: int, res: Result) -> None:
         results[i] = res
@@ -546,6 +560,9 @@ async def arun_requests(
                 for i, (enc, key) in keys.items():
                     cached = hits.get(key)
                     if cached is not None and not _should_resend(cfg, cached):
+                        if not schemas_checked.done():
+                            first_round.set()
+                            await schemas_checked
                         stats.cache_hits += 1
                         res = Result(
                             key=key,
@@ -565,6 +582,7 @@ async def arun_requests(
                     await lookahead.acquire()
                     to_send.put_nowait((i, enc, key))
         finally:
+            first_round.set()
             for _ in range(n_senders):
                 to_send.put_nowait(None)
 
@@ -623,11 +641,15 @@ async def arun_requests(
             return status, text, parsed, kind, error
 
         try:
+            started[0] += 1
+            if started[0] >= pool.size:
+                first_round.set()
             out = await _with_retries(cfg, pool, key, op, stats, redact)
             # The slot is free again and a prepared request took it: let it reach the socket
             # before this answer is validated and committed (see _SEND_FIRST_YIELDS).
             for _ in range(_SEND_FIRST_YIELDS):
                 await asyncio.sleep(0)
+            await schemas_checked
             status, text, parsed, kind, error = settle(out)
             res = Result(
                 key=key,
@@ -661,7 +683,11 @@ async def arun_requests(
         finally:
             inflight.pop(key, None)
 
-    tasks = [asyncio.ensure_future(prepare()), *(asyncio.ensure_future(sender()) for _ in range(n_senders))]
+    tasks = [
+        schemas_checked,
+        asyncio.ensure_future(prepare()),
+        *(asyncio.ensure_future(sender()) for _ in range(n_senders)),
+    ]
     try:
         await asyncio.gather(*tasks)
     finally:
