@@ -433,7 +433,22 @@ def _quiet_http_loggers() -> None:
             logger.setLevel(logging.WARNING)
 
 
+class _NoBar:
+    """What a disabled progress bar does: nothing (tqdm's import alone took ~15 ms)."""
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="req", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
@@ -486,21 +501,16 @@ async def arun_requests(
     lookahead = asyncio.Semaphore(2 * pool.size)  # prepared requests not yet taken by a sender
     prepare_chat = BACKEND_CLASSES[cfg.backend].prepare_chat
     warned = [0]
-    first_round = asyncio.Event()  # set once every slot has taken a request, or nothing is left
-    started = [0]
 
-    async def check_schemas() -> None:
-        """Check the schemas while the first requests are on the wire: the first check imports
-        jsonschema (~0.1 s), which otherwise held up the first requests. No answer is
-        validated, cached or returned before the check passed; a bad schema raises from
-        :func:`run_requests` as before, after at most one request per slot was sent."""
-        await first_round.wait()
-        for _ in range(_SEND_FIRST_YIELDS):
-            await asyncio.sleep(0)
+    def check_schemas() -> None:
         for schema in schemas:
             check_schema(schema)
 
-    schemas_checked = asyncio.ensure_future(check_schemas())
+    # The schemas are checked in a worker thread while the first requests go out: the first
+    # check imports jsonschema (~0.1 s), which held them up when it ran first. No answer is
+    # validated, cached or returned before the check passed; a bad schema raises from
+    # run_requests as before, after at most one request per slot was sent.
+    schemas_checked = asyncio.ensure_future(asyncio.to_thread(check_schemas))
 
     def finish(i: int, res: Result) -> None:
         results[i] = res
@@ -560,9 +570,7 @@ async def arun_requests(
                 for i, (enc, key) in keys.items():
                     cached = hits.get(key)
                     if cached is not None and not _should_resend(cfg, cached):
-                        if not schemas_checked.done():
-                            first_round.set()
-                            await schemas_checked
+                        await schemas_checked
                         stats.cache_hits += 1
                         res = Result(
                             key=key,
@@ -582,7 +590,6 @@ async def arun_requests(
                     await lookahead.acquire()
                     to_send.put_nowait((i, enc, key))
         finally:
-            first_round.set()
             for _ in range(n_senders):
                 to_send.put_nowait(None)
 
@@ -641,9 +648,6 @@ async def arun_requests(
             return status, text, parsed, kind, error
 
         try:
-            started[0] += 1
-            if started[0] >= pool.size:
-                first_round.set()
             out = await _with_retries(cfg, pool, key, op, stats, redact)
             # The slot is free again and a prepared request took it: let it reach the socket
             # before this answer is validated and committed (see _SEND_FIRST_YIELDS).
