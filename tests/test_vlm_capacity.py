@@ -193,3 +193,12 @@ def test_bad_schema_raises_and_nothing_is_cached(tmp_path: Path) -> None:
         assert sim.stats()["requests"] <= 2  # at most one per slot went out
     with vlm.ResponseCache(tmp_path / "c.sqlite") as cache:
         assert cache.count() == 0
+
+
+def test_a_duplicate_after_its_answer_is_not_sent_again(tmp_path: Path) -> None:
+    reqs = [vlm.Request(prompt=p, meta={"i": i}) for i, p in enumerate(["a", "b", "c", "a", "b"])]
+    with Simulator(SimulatorConfig(enabled=True, latency_s=0.01)) as sim:
+        res = vlm.run_requests(_cfg(sim, tmp_path / "c.sqlite", 1), reqs, progress=False)
+        assert sim.stats()["requests"] == 3
+    assert [r.meta["i"] for r in res] == list(range(5))
+    assert res[3].text == res[0].text and res[4].text == res[1].text and res[3].cache_hit

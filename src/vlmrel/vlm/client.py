@@ -374,6 +374,11 @@ async def _with_retries(
     hard_timeout = cfg.timeout_s + cfg.connect_timeout_s + 1.0
     for attempt in range(cfg.retries + 1):
         idx = await pool.tokens.get()
+        try:
+            backend = pool.backend(idx)  # made on first use; a failure here is a bug, not a reply
+        except BaseException:
+            pool.tokens.put_nowait(idx)
+            raise
         name = pool.names[idx]
         out.attempts = attempt + 1
         out.endpoint = name
@@ -384,7 +389,7 @@ async def _with_retries(
         kind: str | None = None
         try:
             async with asyncio.timeout(hard_timeout):
-                value = await op(pool.backend(idx))
+                value = await op(backend)
             out.latency_s = time.perf_counter() - t0
             out.value, out.kind, out.error = value, None, None
             stats.latencies.append(out.latency_s)
@@ -676,7 +681,10 @@ async def arun_requests(
                     )
                 if warned[0] == MAX_WARNINGS:
                     log.warning("further failures are counted in the stats, not logged one by one")
-            answered[key] = res
+            if not _should_resend(
+                cfg, CachedResponse(key, status, text, parsed, kind, None, None, None, None)
+            ):
+                answered[key] = res  # what a later identical request would have found in the cache
             fut.set_result(res)
             finish(i, res)
         except BaseException as exc:
