@@ -202,3 +202,16 @@ def test_a_duplicate_after_its_answer_is_not_sent_again(tmp_path: Path) -> None:
         assert sim.stats()["requests"] == 3
     assert [r.meta["i"] for r in res] == list(range(5))
     assert res[3].text == res[0].text and res[4].text == res[1].text and res[3].cache_hit
+
+
+def test_reset_stats_keeps_the_gauges_of_requests_still_running() -> None:
+    with Simulator(SimulatorConfig(enabled=True, latency_s=0.0, max_concurrency=2)) as sim:
+        sim._enter("/x")
+        sim._processing(+1)
+        sim.reset_stats()  # a request is still finishing
+        sim._processing(-1, 0.01)
+        sim._leave()
+        sim._enter("/x")
+        sim._processing(+1)
+        st = sim.stats()
+    assert st["peak_processing"] == 1 and st["peak_concurrency"] == 1 and st["requests"] == 1

@@ -143,8 +143,16 @@ class Simulator:
             }
 
     def reset_stats(self) -> None:
+        """Zero the counters; the gauges (requests in the server, holding a slot) stay as they
+        are, so a request still finishing does not leave them at -1 (a peak one too low)."""
         with self._lock:
-            self._counters = _Counters()
+            c = self._counters
+            self._counters = _Counters(
+                inflight=c.inflight,
+                peak_inflight=c.inflight,
+                processing=c.processing,
+                peak_processing=c.processing,
+            )
 
     # -- request handling (runs in server threads) -----------------------------------------
     def _enter(self, path: str) -> None:
