@@ -16,4 +16,6 @@ def test_bench_vlm_small(capsys):
     assert out["cached"]["cache_hits"] == 24 and out["cached"]["server_requests"] == 0
     assert out["cached"]["same_answers"]
     assert out["seed_loop"]["ok"] == 4
-    assert set(out["targets"]) == {"fraction_of_capacity_ge_0.9", "cached_rerun_lt_1s"}
+    assert 0 < out["vlmrel"]["server_slot_utilization"] <= 1
+    assert out["vlmrel"]["server_slot_s_per_request"] >= 0.02
+    assert set(out["targets"]) == {"fraction_of_capacity_ge_0.95", "cached_rerun_lt_0.5s"}

@@ -12,10 +12,18 @@ server's capacity is ``slots / latency`` requests per second. Every request is a
   ``--sequential-n`` requests (all 400 take ``400 x latency``) and its time for all is
   extrapolated from its measured throughput.
 - **vlmrel**: :func:`vlmrel.vlm.run_requests` with ``slots`` concurrent requests, schema
-  validation and the persistent cache, from an empty cache.
+  validation and the persistent cache, from an empty cache. Its wall time is the whole call
+  (setup, first connections, the last answers), so 400 requests at 40 req/s take at least
+  10 s and 0.95 of capacity leaves 0.53 s for everything the client adds. The simulator's
+  slot counters say where it went: ``server_slot_utilization`` is slot-seconds used /
+  (wall x slots), ``server_slot_s_per_request`` the mean time a request held its slot (the
+  latency, if the simulator adds nothing); the rest of the wall time is the client's setup
+  and the gaps between an answer leaving a slot and the next request taking it.
 - **cached**: the same 400 requests again, every answer from the cache.
 
-Targets: ``fraction_of_capacity`` (vlmrel throughput / capacity) >= 0.9; cached re-run < 1 s.
+Targets: ``fraction_of_capacity`` (vlmrel throughput / capacity) >= 0.95; cached re-run < 0.5 s.
+The machine's load moves the first figure by a few points (client and simulator share one
+process and its GIL): note ``load_avg_1m`` with it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -145,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             "fraction_of_capacity": tp / capacity,
             "server_requests": sim.stats()["requests"],
             "server_peak_concurrency": sim.stats()["peak_processing"],
+            "server_slot_s_per_request": sim.stats()["slot_s"] / max(1, sim.stats()["requests"]),
+            "server_slot_utilization": sim.stats()["slot_s"] / (wall * args.slots),
         }
         sim.reset_stats()
         t0 = time.perf_counter()
@@ -160,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     out["fraction_of_capacity"] = tp / capacity
     out["speedup_vs_seed_loop"] = tp / seq_tp
     out["cached_rerun_s"] = cached
+    out["load_avg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out["targets"] = {
-        "fraction_of_capacity_ge_0.9": tp / capacity >= 0.9,
-        "cached_rerun_lt_1s": cached < 1.0,
+        "fraction_of_capacity_ge_0.95": tp / capacity >= 0.95,
+        "cached_rerun_lt_0.5s": cached < 0.5,
     }
     if args.json:
         print(json.dumps(out, indent=2))

@@ -112,6 +112,23 @@ class ResponseCache:
         parsed = json.loads(row[3]) if row[3] is not None else None
         return CachedResponse(row[0], row[1], row[2], parsed, row[4], row[5], row[6], row[7], row[8])
 
+    def get_many(self, keys: list[str]) -> dict[str, CachedResponse]:
+        """The rows of those of ``keys`` present, by key (one query per 500 keys)."""
+        out: dict[str, CachedResponse] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(
+                "SELECT key, status, text, parsed, failure_kind, error, latency_s, endpoint, attempts "
+                f"FROM responses WHERE key IN ({marks})",
+                chunk,
+            ):
+                parsed = json.loads(row[3]) if row[3] is not None else None
+                out[row[0]] = CachedResponse(
+                    row[0], row[1], row[2], parsed, row[4], row[5], row[6], row[7], row[8]
+                )
+        return out
+
     def put(
         self,
         key: str,

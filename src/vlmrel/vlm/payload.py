@@ -104,8 +104,12 @@ def _to_rgb(im: Any) -> Any:
 
     One function for both, so a model sees the same pixels through the VLM payload and
     through the pixel tensors: 16-bit greyscale is scaled (65535 -> 255, a uniform 40000
-    becomes 156), never stretched min..max; transparency is composited on white.
+    becomes 156), never stretched min..max; transparency is composited on white. An image
+    that is RGB already is returned as is (what ``to_rgb`` does too) without importing
+    :mod:`vlmrel.images`, whose pandas import cost the first request ~0.4 s.
     """
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
     from vlmrel.images import to_rgb
 
     return to_rgb(im)

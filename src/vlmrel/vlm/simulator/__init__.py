@@ -33,8 +33,9 @@ attempt number), where the attempt number counts how often this simulator (or th
 started together by :func:`simulated`) has seen the same request. ``--faults-max-attempt
 N`` limits faults to the first N attempts. ``--max-concurrency`` caps requests handled at
 once: ``--overload queue`` makes the rest wait (like vLLM and Ollama), ``reject`` answers
-429/503. The simulator records requests, faults and the peak number of concurrent
-requests.
+429/503. A request holds its slot for its latency, answer included (the answer is worked out
+while the latency runs). The simulator records requests, faults, the peak number of
+concurrent requests (in the server, and holding a slot) and the slot-seconds used.
 
 Layout: :mod:`.demo` (the demo photos' metadata), :mod:`.registry` (fingerprints, matching,
 metadata files), :mod:`.answers` (the answer to a request, from the request alone plus that
