@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vlmrel.bench import vlm as bench
 
 
-def test_bench_vlm_small(capsys):
-    bench.main(["--json", "--requests", "24", "--latency", "0.02", "--slots", "4", "--sequential-n", "4"])
+@pytest.mark.parametrize("where", ["process", "thread"])
+def test_bench_vlm_small(capsys, where):
+    bench.main(
+        ["--json", "--requests", "24", "--latency", "0.02", "--slots", "4", "--sequential-n", "4"]
+        + ["--simulator", where]
+    )
     out = json.loads(capsys.readouterr().out)
+    assert out["simulator"] == where
     assert out["capacity_req_per_s"] == 4 / 0.02
     assert out["vlmrel"]["ok"] == 24 and out["vlmrel"]["server_requests"] == 24
     assert out["vlmrel"]["server_peak_concurrency"] <= 4

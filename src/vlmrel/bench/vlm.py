@@ -22,8 +22,11 @@ server's capacity is ``slots / latency`` requests per second. Every request is a
 - **cached**: the same 400 requests again, every answer from the cache.
 
 Targets: ``fraction_of_capacity`` (vlmrel throughput / capacity) >= 0.95; cached re-run < 0.5 s.
-The machine's load moves the first figure by a few points (client and simulator share one
-process and its GIL): note ``load_avg_1m`` with it.
+
+The simulator runs in a process of its own (``--simulator process``, the default), as a real
+server does; ``--simulator thread`` runs it inside the client's process, where it competes with
+the client for the GIL (a few points of capacity, more under load). The machine's load still
+moves the first figure: note ``load_avg_1m`` with it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,68 @@ def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+class _SimulatorProcess:
+    """The simulator in a child process (spawned): ``openai_url``, ``stats()``, ``reset_stats()``.
+
+    Commands and counters go over a ``multiprocessing`` pipe; the child stops when the pipe
+    closes or on ``stop``.
+    """
+
+    def __init__(self, config: Any) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_simulator, args=(child, config), daemon=True)
+        self._proc.start()
+        child.close()
+        self.openai_url: str = self._conn.recv()
+
+    def _ask(self, command: str) -> Any:
+        self._conn.send(command)
+        return self._conn.recv()
+
+    def stats(self) -> dict[str, Any]:
+        return self._ask("stats")
+
+    def reset_stats(self) -> None:
+        self._ask("reset")
+
+    def __enter__(self) -> _SimulatorProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._ask("stop")
+        except (BrokenPipeError, EOFError, OSError):
+            pass
+        self._conn.close()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+def _serve_simulator(conn: Any, config: Any) -> None:
+    """Child process of :class:`_SimulatorProcess`: serve until told to stop."""
+    from vlmrel.vlm.simulator import Simulator
+
+    with Simulator(config) as sim:
+        conn.send(sim.openai_url)
+        while True:
+            try:
+                command = conn.recv()
+            except EOFError:
+                return
+            if command == "stats":
+                conn.send(sim.stats())
+            elif command == "reset":
+                sim.reset_stats()
+                conn.send(None)
+            else:
+                conn.send(None)
+                return
 
 
 def seed_loop(base_url: str, model: str, images: list[np.ndarray], timeout: float) -> dict[str, Any]:
@@ -99,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sequential-n", type=int, default=50, help="requests of the seed's loop (its total is extrapolated)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--simulator",
+        choices=["process", "thread"],
+        default="process",
+        help="run the simulator in its own process (like a real server) or in a thread of this one",
+    )
     args = parser.parse_args(argv)
 
     from vlmrel import vlm
@@ -118,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "slots": args.slots,
         "capacity_req_per_s": capacity,
     }
-    with Simulator(sim_cfg) as sim, tempfile.TemporaryDirectory(prefix="vlmrel-bench-") as tmp:
+    server = _SimulatorProcess(sim_cfg) if args.simulator == "process" else Simulator(sim_cfg)
+    out["simulator"] = args.simulator
+    with server as sim, tempfile.TemporaryDirectory(prefix="vlmrel-bench-") as tmp:
         seq_n = max(1, min(args.sequential_n, n))
         seq = seed_loop(sim.openai_url, "bench-sim", images[:seq_n], timeout=30)
         seq_tp = seq["requests"] / seq["wall_s"]
@@ -146,16 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         res = vlm.run_requests(cfg, reqs, progress=False)
         wall = time.perf_counter() - t0
         tp = n / wall
+        st = sim.stats()
         out["vlmrel"] = {
             "wall_s": wall,
             "ok": sum(r.ok for r in res),
             "failed": sum(not r.ok for r in res),
             "throughput_req_per_s": tp,
             "fraction_of_capacity": tp / capacity,
-            "server_requests": sim.stats()["requests"],
-            "server_peak_concurrency": sim.stats()["peak_processing"],
-            "server_slot_s_per_request": sim.stats()["slot_s"] / max(1, sim.stats()["requests"]),
-            "server_slot_utilization": sim.stats()["slot_s"] / (wall * args.slots),
+            "server_requests": st["requests"],
+            "server_peak_concurrency": st["peak_processing"],
+            "server_slot_s_per_request": st["slot_s"] / max(1, st["requests"]),
+            "server_slot_utilization": st["slot_s"] / (wall * args.slots),
         }
         sim.reset_stats()
         t0 = time.perf_counter()
