@@ -580,7 +580,8 @@ def mha_functional(
         return x
 
     def project(target: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """``project(target, x, w, b)``."""
+        """``F.linear(x, w, b)`` of ``target`` with its noise: input noise before the map, or
+        output dropout after it (the scale folded into the GEMM in bf16)."""
         if inj is not None and inj.kind in OUTPUT_KINDS and inj.is_active(target):
             return inj.linear_output(x, w, b, target)
         return F.linear(on_input(target, x), w, b)
