@@ -150,6 +150,28 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
         tmp.write_text(json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def write_npz(path: str | os.PathLike[str], arrays: Any, meta: Any = None) -> None:
+    """Arrays (a name -> array-like mapping) and, if given, a JSON ``meta`` (key-sorted; numpy
+    scalars as numbers) as an ``.npz``, atomically; readers use ``allow_pickle=False``."""
+    import numpy as np
+
+    out = {k: np.asarray(v) for k, v in arrays.items()}
+    if meta is not None:
+        out["meta"] = np.asarray(json.dumps(dict(meta), sort_keys=True, default=_json_default))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **out)
+
+
+def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The arrays of a :func:`write_npz` file (no pickles) and its ``meta`` (``{}`` if none)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+        meta = json.loads(str(z["meta"][()])) if "meta" in z.files else {}
+    return arrays, meta
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

@@ -20,7 +20,6 @@ No concrete (relaxed Bernoulli) rate is trained; the rates are searched:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -217,14 +216,9 @@ def save_arrays(
     path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
 ) -> None:
     """Arrays and a JSON ``meta`` as an .npz (no pickles), atomically."""
-    from vlmrel.io import atomic_path
+    from vlmrel.io import write_npz
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            **{k: np.asarray(v) for k, v in arrays.items()},
-            meta=np.asarray(json.dumps(meta, sort_keys=True)),
-        )
+    write_npz(path, arrays, meta)
 
 
 def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -137,7 +137,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmrel.io import atomic_path
+from vlmrel.io import write_npz
 
 __all__ = [
     "KINDS",
@@ -947,15 +947,13 @@ def save_trial(path: str | os.PathLike[str], result: TrialResult, meta: dict[str
         arr = getattr(result, key)
         if arr.shape != shape:
             raise ValueError(f"{path}: {key} has shape {arr.shape}, expected {shape}")
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            T=np.asarray(result.T, dtype=np.int64),
-            trace_pre=np.asarray(result.trace_pre, dtype=np.float64),
-            trace_post=np.asarray(result.trace_post, dtype=np.float64),
-            image_id=np.asarray(result.image_id, dtype=np.str_).reshape(n),
-            meta=np.asarray(json.dumps(full, sort_keys=True)),
-        )
+    arrays = {
+        "T": np.asarray(result.T, dtype=np.int64),
+        "trace_pre": np.asarray(result.trace_pre, dtype=np.float64),
+        "trace_post": np.asarray(result.trace_post, dtype=np.float64),
+        "image_id": np.asarray(result.image_id, dtype=np.str_).reshape(n),
+    }
+    write_npz(path, arrays, full)
 
 
 def load_trial(path: str | os.PathLike[str]) -> tuple[TrialResult, dict[str, Any]]:

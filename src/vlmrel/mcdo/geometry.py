@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmrel.io import atomic_path
+from vlmrel.io import write_npz
 from vlmrel.mcdo.reliability import reliability
 
 #: Per-image outputs of the geometry computation, in a stable order.
@@ -242,13 +242,7 @@ def save_geometry(
         if a.shape != (n,):
             raise ValueError(f"{path}: geometry '{k}' has shape {a.shape}, expected ({n},)")
         arrays[k] = a
-    with atomic_path(path) as tmp:
-        np.savez(
-            tmp,
-            image_id=np.asarray(list(image_id), dtype=str),
-            meta=np.asarray(json.dumps(dict(meta), sort_keys=True)),
-            **arrays,
-        )
+    write_npz(path, {"image_id": np.asarray(list(image_id), dtype=str), **arrays}, meta)
 
 
 def load_geometry(

@@ -43,7 +43,6 @@ Laplace, the deterministic embedding time plus the method's own compute, over th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -53,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmrel.io import atomic_path
+from vlmrel.io import read_npz, write_npz
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger(__name__)
@@ -294,19 +293,12 @@ def save_scores(
     path: PathLike, image_id: Sequence[str], arrays: Mapping[str, np.ndarray], meta: Mapping
 ) -> None:
     """A per-model scores file (.npz, no pickles): ``image_id``, the arrays, a JSON ``meta``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            image_id=np.asarray(list(image_id), dtype=np.str_),
-            meta=np.asarray(json.dumps(dict(meta), sort_keys=True, default=float)),
-            **{k: np.asarray(v) for k, v in arrays.items()},
-        )
+    write_npz(path, {"image_id": np.asarray(list(image_id), dtype=np.str_), **arrays}, meta)
 
 
 def load_scores(path: PathLike) -> tuple[list[str], dict[str, np.ndarray], dict[str, Any]]:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k not in ("image_id", "meta")}
-        return [str(i) for i in z["image_id"]], arrays, json.loads(str(z["meta"][()]))
+    arrays, meta = read_npz(path)
+    return [str(i) for i in arrays.pop("image_id")], arrays, meta
 
 
 # ---- the summary -------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmrel.io import atomic_path, write_json
+from vlmrel.io import write_json, write_npz
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger(__name__)
@@ -369,8 +369,7 @@ def mot_job(
     frames = read_cost_json(cost_json)
     summary, arrays = evaluate(frames, alpha=alpha, beta=beta, gate_cost=gate_cost)
     summary["cost_json"] = os.fspath(cost_json)
-    with atomic_path(arrays_out) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+    write_npz(arrays_out, arrays)
     write_json(summary_out, summary)
     for mode in summary["modes"]:
         log.info("%s: %s", mode, summary["metrics"][mode])

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmrel.io import atomic_path
+from vlmrel.io import write_npz
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger(__name__)
@@ -213,13 +213,7 @@ def read_pixel_ids(pixels_h5: PathLike) -> list[str]:
 def save_semantic(
     path: PathLike, image_id: Sequence[str], arrays: Mapping[str, np.ndarray], meta: Mapping
 ) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            image_id=np.asarray(list(image_id), dtype=np.str_),
-            meta=np.asarray(json.dumps(dict(meta), sort_keys=True)),
-            **{k: np.asarray(v) for k, v in arrays.items()},
-        )
+    write_npz(path, {"image_id": np.asarray(list(image_id), dtype=np.str_), **arrays}, meta)
 
 
 def load_semantic(paths: Sequence[PathLike]) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:

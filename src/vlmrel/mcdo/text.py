@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -168,18 +167,16 @@ def save_text_trial(
     path: str | os.PathLike[str], styles: Sequence[str], prompts: Sequence[str], trace: np.ndarray, meta: dict
 ) -> None:
     """A text trial's arrays: prompt, style, trace [N], specificity, tokens and a JSON ``meta``."""
-    from vlmrel.io import atomic_path
+    from vlmrel.io import write_npz
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            prompt=np.asarray(prompts, dtype=np.str_),
-            style=np.asarray(styles, dtype=np.str_),
-            trace=np.asarray(trace, dtype=np.float64),
-            specificity=np.array([specificity(p) for p in prompts], dtype=np.float64),
-            tokens=np.array([len(words(p)) for p in prompts], dtype=np.int64),
-            meta=np.asarray(json.dumps(meta, sort_keys=True)),
-        )
+    arrays = {
+        "prompt": np.asarray(prompts, dtype=np.str_),
+        "style": np.asarray(styles, dtype=np.str_),
+        "trace": np.asarray(trace, dtype=np.float64),
+        "specificity": np.array([specificity(p) for p in prompts], dtype=np.float64),
+        "tokens": np.array([len(words(p)) for p in prompts], dtype=np.int64),
+    }
+    write_npz(path, arrays, meta)
 
 
 def load_text_trials(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[str], np.ndarray]:
