@@ -229,15 +229,18 @@ def test_annotate_killed_then_rerun(tmp_path):
         db = sqlite3.connect(work / cfg["vlm"]["cache_path"])
         cached = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
         db.close()
+        # Each slot may hold one request on the wire plus one answer that came back and freed
+        # the slot but was not yet committed (the next request is sent first, see
+        # vlmrel.vlm.client._SEND_FIRST_YIELDS): at most 2 * n_conc requests are lost.
         assert first["completed"] - n_conc <= cached < n_images
-        assert first["requests"] <= cached + n_conc
+        assert first["requests"] <= cached + 2 * n_conc
 
         sim.reset_stats()
         snakemake(work, conf, "--unlock")
         snakemake(work, conf, "results/demo/teacher/raw.jsonl")
         second = sim.stats()
         assert second["requests"] == n_images - cached  # only the missing ones are sent
-        assert first["requests"] + second["requests"] <= n_images + n_conc
+        assert first["requests"] + second["requests"] <= n_images + 2 * n_conc
 
         sim.reset_stats()
         snakemake(ref, conf, "results/demo/teacher/raw.jsonl")

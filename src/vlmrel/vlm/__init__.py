@@ -44,7 +44,9 @@ Guarantees of :func:`run_requests`:
   SQLite (WAL) cache at ``vlm.cache_path`` (keep it outside Snakemake's outputs), keyed by
   a hash of backend, model, system and user prompt, the *encoded* image bytes, schema,
   structured-output mode, generation parameters and ``cache_salt``. ``kill -9`` loses
-  only requests in flight; a re-run sends only what is missing, plus cached failures of
+  only requests in flight (at most two per slot: one on the wire, and one whose reply came
+  and freed the slot but which was not yet committed, since the next request is sent
+  first); a re-run sends only what is missing, plus cached failures of
   a *transient* kind (:data:`TRANSIENT_KINDS`: timeout, connection, truncated,
   malformed_response, http_429, http_5xx, http_404, http_408, http_auth, error), plus
   cached *permanent* failures (:data:`PERMANENT_KINDS`: malformed_json,

@@ -1,7 +1,9 @@
 """Persistent, content-addressed response cache: one SQLite file in WAL mode.
 
 Every finished response (an answer or a recorded failure) is committed on its own as
-soon as it arrives, so ``kill -9`` loses only requests still in flight; a re-run sends
+soon as it is validated (a few event-loop turns after it arrives, once the request that
+took its slot is on the wire), so ``kill -9`` loses only requests still in flight, at most
+two per slot; a re-run sends
 only what is missing. WAL mode with ``synchronous=NORMAL`` keeps every committed row
 across a crash of the process (a power cut may lose the last few commits, never corrupt
 the file). Several jobs may share one cache: readers never block, writers wait up to
