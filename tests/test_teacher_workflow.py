@@ -232,7 +232,7 @@ def test_annotate_killed_then_rerun(tmp_path):
         # Each slot may hold one request on the wire plus one answer that came back and freed
         # the slot but was not yet committed (the next request is sent first, see
         # vlmrel.vlm.client._SEND_FIRST_YIELDS): at most 2 * n_conc requests are lost.
-        assert first["completed"] - n_conc <= cached < n_images
+        assert first["completed"] - 2 * n_conc <= cached < n_images
         assert first["requests"] <= cached + 2 * n_conc
 
         sim.reset_stats()

@@ -68,8 +68,10 @@ def test_kill9_keeps_finished_responses(tmp_path: Path, backend: str) -> None:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         cached = db.execute("SELECT COUNT(*) FROM responses WHERE status = 'ok'").fetchone()[0]
         db.close()
-        # every response the server had finished is kept, save those still on the wire
-        assert completed_at_kill - CONC <= cached < N
+        # every response the server had finished is kept, save those still on the wire: per slot
+        # one whose reply came but was not yet committed (the next request is sent first) and the
+        # next one, which a stalled client may not have read yet
+        assert completed_at_kill - 2 * CONC <= cached < N
 
         sim.reset_stats()
         cfg = vlm.VLMConfig.from_dict(
