@@ -4,24 +4,16 @@ import torch
 
 from vlmrel.logs import setup_job_log
 from vlmrel.mcdo.pipeline import rate_search
+from vlmrel.mcdo.spec import TrialSpec
 
 setup_job_log(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-p, w = snakemake.params, snakemake.wildcards
+p = snakemake.params
 rate_search(
     snakemake.input.pixels,
     snakemake.output[0],
-    exp=w.exp,
-    model=w.model,
-    kind=w.kind,
-    p=float(w.p),
-    seed=p.seed,
-    T=p.T,
+    TrialSpec.from_job(snakemake.wildcards, p),
     trials=p.trials,
-    precision=p.precision,
-    batch_size=p.batch_size,
-    num_images=p.num_images,
-    device=p.device,
     class_names=p.class_names,
     groups=p.groups,
     candidates=p.candidates,

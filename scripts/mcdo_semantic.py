@@ -4,24 +4,15 @@ import torch
 
 from vlmrel.logs import setup_job_log
 from vlmrel.mcdo.semantic import semantic_trial
+from vlmrel.mcdo.spec import TrialSpec
 
 setup_job_log(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-p, w = snakemake.params, snakemake.wildcards
+p = snakemake.params
 semantic_trial(
     snakemake.input.pixels,
     snakemake.output[0],
-    exp=w.exp,
-    model=w.model,
-    kind=w.kind,
-    p=float(w.p),
-    k=int(w.k),
-    seed=p.seed,
-    T=p.T,
-    precision=p.precision,
-    batch_size=p.batch_size,
-    num_images=p.num_images,
-    device=p.device,
+    TrialSpec.from_job(snakemake.wildcards, p),
     prompts=p.prompts,
     class_names=p.class_names,
     prompt_template=p.prompt_template,

@@ -15,6 +15,7 @@ from torch import nn
 from vlmrel import models
 from vlmrel.mcdo import pipeline
 from vlmrel.mcdo.dropout import inject_dropout, is_depthwise_conv, is_pointwise_conv, run_trial
+from vlmrel.mcdo.spec import TrialSpec
 from vlmrel.models import (
     ClassifierUnavailable,
     ModelNotAvailable,
@@ -196,7 +197,7 @@ def test_exp5_uses_the_classifier_head(tmp_path):
     )
     trial = tmp_path / "trial0.npz"
     kw = dict(exp="exp5_subset", model="effnet_lite0", kind="input", p=0.01, seed=0, T=[2])
-    pipeline.trial(px, trial, k=0, precision="fp32", batch_size=4, num_images=None, device="cpu", **kw)
+    pipeline.trial(px, trial, TrialSpec(k=0, precision="fp32", batch_size=4, device="cpu", **kw))
     summary = pipeline.ambiguity(
         [trial],
         px,

@@ -306,6 +306,7 @@ def test_trial_through_the_loader_equals_the_float32_trial(tmp_path):
     traces of run_trial fed yesterday's float32 pixels."""
     from vlmrel.mcdo import pipeline
     from vlmrel.mcdo.dropout import run_trial
+    from vlmrel.mcdo.spec import TrialSpec
 
     spec = preprocess_spec("tiny_clip")
     photos = _photos()
@@ -313,7 +314,7 @@ def test_trial_through_the_loader_equals_the_float32_trial(tmp_path):
     write_pixel_images([f"i{k}" for k in range(len(photos))], photos, spec, px, progress=False)
     out = tmp_path / "trial0.npz"
     kw = dict(exp="exp0", model="tiny_clip", kind="output", p=0.05, seed=3, T=[2, 4])
-    pipeline.trial(px, out, k=1, precision="fp32", batch_size=4, num_images=None, device="cpu", **kw)
+    pipeline.trial(px, out, TrialSpec(k=1, precision="fp32", batch_size=4, device="cpu", **kw))
     ref_px = np.stack([_float32_reference(img, spec) for img in photos])
     batches = [
         ([f"i{k}" for k in range(s, min(s + 4, len(photos)))], ref_px[s : s + 4])

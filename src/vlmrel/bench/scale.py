@@ -120,6 +120,7 @@ def run_one(
     the best of ``repeats`` runs."""
     from vlmrel.images import build_manifest, list_images
     from vlmrel.mcdo.pipeline import trial
+    from vlmrel.mcdo.spec import TrialSpec
     from vlmrel.models import preprocess_spec
     from vlmrel.pixels import prefetch_batches, preproc_key, write_pixels
 
@@ -146,17 +147,18 @@ def run_one(
         lambda: trial(
             pixels_h5,
             work / f"n{n}" / "trial0.npz",
-            exp="scale",
-            model=model,
-            kind="input",
-            p=p,
-            k=0,
-            seed=0,
-            T=[T],
-            precision="fp32",
-            batch_size=batch_size,
-            num_images=None,
-            device="cpu",
+            TrialSpec(
+                exp="scale",
+                model=model,
+                kind="input",
+                p=p,
+                k=0,
+                seed=0,
+                T=[T],
+                precision="fp32",
+                batch_size=batch_size,
+                device="cpu",
+            ),  # fmt: skip
         ),
     )
     seconds = {k: v[0] for k, v in timed.items()}

@@ -7,6 +7,7 @@ its outputs atomically. What varies between experiments comes from the registry
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ import numpy as np
 from vlmrel.io import read_json, write_json
 from vlmrel.mcdo.analyses import SCORE_SPACE, ArmRuns, trial_scores
 from vlmrel.mcdo.registry import EXPERIMENTS
+from vlmrel.mcdo.spec import TrialSpec
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger(__name__)
@@ -27,22 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def trial(
-    pixels_h5: PathLike,
-    out: PathLike,
-    *,
-    exp: str,
-    model: str,
-    kind: str,
-    p: float,
-    k: int,
-    seed: int,
-    T: Sequence[int],
-    precision: str,
-    batch_size: int,
-    num_images: int | None,
-    device: str,
-    geometry: bool = False,
-    depthwise: bool = False,
+    pixels_h5: PathLike, out: PathLike, spec: TrialSpec, *, geometry: bool = False, depthwise: bool = False
 ) -> None:
     """One MC-dropout trial: max(T) stochastic passes per image, trace snapshots at every T; with
     ``geometry`` (a geometry experiment), the per-image covariance geometry of the same passes instead.
@@ -51,26 +38,26 @@ def trial(
     from vlmrel.models import load_encoder
     from vlmrel.pixels import images_to_use, prefetch_batches
 
-    n = images_to_use(pixels_h5, num_images)
+    n = images_to_use(pixels_h5, spec.num_images)
     collector = None
     if geometry:
         from vlmrel.mcdo.geometry import GeometryCollector
 
-        collector = GeometryCollector(n, max(T))
-    encoder = load_encoder(model, device=device, precision=precision)
+        collector = GeometryCollector(n, spec.passes)
+    encoder = load_encoder(spec.model, device=spec.device, precision=spec.precision)
     started = time.perf_counter()
     result = run_trial(
         encoder,
-        prefetch_batches(pixels_h5, batch_size, indices=range(n), device=encoder.device),
-        p=float(p),
-        seed=seed,
-        trial=int(k),
-        T_list=sorted(T),
-        kind=kind,
+        prefetch_batches(pixels_h5, spec.batch_size, indices=range(n), device=encoder.device),
+        p=spec.p,
+        seed=spec.seed,
+        trial=spec.k,
+        T_list=list(spec.T),
+        kind=spec.kind,
         on_pass=collector.on_pass if collector else None,
         depthwise=depthwise,
     )
-    meta = {"experiment": exp, "model": model, "p": float(p), "seed": seed, "trial": int(k), "kind": kind}
+    meta = spec.meta()
     meta["wall_seconds"] = time.perf_counter() - started  # the passes' wall time (exp6's runtime per image)
     if collector:
         from vlmrel.mcdo.geometry import save_geometry
@@ -78,7 +65,9 @@ def trial(
         save_geometry(out, collector.result(), result.image_id, {**result.meta, **meta})
     else:
         save_trial(out, result, meta)
-    log.info("%s trial %s of %s: %d images, T=%s", exp, k, model, len(result.image_id), result.T)
+    log.info(
+        "%s trial %s of %s: %d images, T=%s", spec.exp, spec.k, spec.model, len(result.image_id), result.T
+    )
 
 
 # ---- Phase 4: exp10's text trials and exp11's rate search ------------------------------------------
@@ -86,17 +75,8 @@ def trial(
 
 def text_trial(
     out: PathLike,
+    spec: TrialSpec,
     *,
-    exp: str,
-    model: str,
-    kind: str,
-    p: float,
-    k: int,
-    seed: int,
-    T: Sequence[int],
-    precision: str,
-    batch_size: int,
-    device: str,
     num_prompts: int,
     class_names: str | Sequence[str],
     prompt_file: PathLike | None,
@@ -108,26 +88,24 @@ def text_trial(
     from vlmrel.mcdo.dropout import versions
     from vlmrel.models import load_encoder
 
-    pairs = text.sample_prompts(load_class_names(class_names), int(num_prompts), seed, prompt_file)
+    pairs = text.sample_prompts(load_class_names(class_names), int(num_prompts), spec.seed, prompt_file)
     styles, prompts = [s for s, _ in pairs], [q for _, q in pairs]
-    encoder = load_encoder(model, device=device, precision=precision)
+    encoder = load_encoder(spec.model, device=spec.device, precision=spec.precision)
     trace = text.text_trial(
-        encoder, prompts, p=float(p), seed=seed, trial=int(k), T=max(T), kind=kind, batch_size=batch_size
-    )
+        encoder, prompts, p=spec.p, seed=spec.seed, trial=spec.k, T=spec.passes, kind=spec.kind,
+        batch_size=spec.batch_size,
+    )  # fmt: skip
     meta = {
-        "experiment": exp,
-        "model": model,
-        "p": float(p),
-        "seed": seed,
-        "trial": int(k),
-        "kind": kind,
-        "T": max(T),
-        "precision": precision,
+        **spec.meta(),
+        "T": spec.passes,
+        "precision": spec.precision,
         "tower": "text",
         "versions": versions(),
     }
     text.save_text_trial(out, styles, prompts, trace, meta)
-    log.info("%s text trial %s of %s: %d prompts, T=%d", exp, k, model, len(prompts), max(T))
+    log.info(
+        "%s text trial %s of %s: %d prompts, T=%d", spec.exp, spec.k, spec.model, len(prompts), spec.passes
+    )
 
 
 def zero_shot_quantities(
@@ -162,18 +140,9 @@ def zero_shot_quantities(
 def rate_search(
     pixels_h5: PathLike,
     out: PathLike,
+    spec: TrialSpec,
     *,
-    exp: str,
-    model: str,
-    kind: str,
-    p: float,
-    seed: int,
-    T: Sequence[int],
     trials: int,
-    precision: str,
-    batch_size: int,
-    num_images: int | None,
-    device: str,
     class_names: str | Sequence[str],
     groups: int,
     candidates: int,
@@ -187,18 +156,18 @@ def rate_search(
     from vlmrel.models import load_encoder
     from vlmrel.pixels import images_to_use, prefetch_batches
 
-    n = images_to_use(pixels_h5, num_images)
-    encoder = load_encoder(model, device=device, precision=precision)
-    ids, zero_shot = zero_shot_quantities(encoder, pixels_h5, n, class_names, batch_size)
+    n = images_to_use(pixels_h5, spec.num_images)
+    encoder = load_encoder(spec.model, device=spec.device, precision=spec.precision)
+    ids, zero_shot = zero_shot_quantities(encoder, pixels_h5, n, class_names, spec.batch_size)
     arrays = concrete.run_search(
         encoder,
-        lambda: prefetch_batches(pixels_h5, batch_size, indices=range(n), device=encoder.device),
+        lambda: prefetch_batches(pixels_h5, spec.batch_size, indices=range(n), device=encoder.device),
         zero_shot=zero_shot,
-        p=float(p),
-        seed=seed,
+        p=spec.p,
+        seed=spec.seed,
         trials=int(trials),
-        T=max(T),
-        kind=kind,
+        T=spec.passes,
+        kind=spec.kind,
         n_groups=int(groups),
         n_candidates=int(candidates),
         rate_range=rate_range,
@@ -206,10 +175,18 @@ def rate_search(
     )
     if [str(i) for i in arrays["image_id"]] != ids:
         raise ValueError(f"{pixels_h5}: image order differs between the zero-shot pass and the trials")
-    meta = {"experiment": exp, "model": model, "p": float(p), "seed": seed, "kind": kind, "T": max(T),
-            "trials": int(trials), "precision": precision, "versions": versions()}  # fmt: skip
+    # the search spans all K trials: the index of its file (search0) is no trial of the meta
+    meta = {**dataclasses.replace(spec, k=None).meta(), "T": spec.passes, "trials": int(trials),
+            "precision": spec.precision, "versions": versions()}  # fmt: skip
     concrete.save_arrays(out, arrays, meta)
-    log.info("%s %s: %d candidates x %d trials on %d images", exp, model, arrays["rates"].shape[0], trials, n)
+    log.info(
+        "%s %s: %d candidates x %d trials on %d images",
+        spec.exp,
+        spec.model,
+        arrays["rates"].shape[0],
+        trials,
+        n,
+    )
 
 
 # ---- summaries -----------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from vlmrel.io import write_npz
+from vlmrel.mcdo.spec import TrialSpec
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger(__name__)
@@ -127,18 +128,8 @@ class SemanticCollector:
 def semantic_trial(
     pixels_h5: PathLike,
     out: PathLike,
+    spec: TrialSpec,
     *,
-    exp: str,
-    model: str,
-    kind: str,
-    p: float,
-    k: int,
-    seed: int,
-    T: Sequence[int],
-    precision: str,
-    batch_size: int,
-    num_images: int | None,
-    device: str,
     prompts: Sequence[str],
     class_names: str | Sequence[str],
     prompt_template: str,
@@ -151,12 +142,9 @@ def semantic_trial(
     from vlmrel.models import load_encoder
     from vlmrel.pixels import images_to_use, prefetch_batches
 
-    n = images_to_use(pixels_h5, num_images)
-    encoder = load_encoder(model, device=device, precision=precision)
-    meta: dict[str, Any] = {
-        "experiment": exp, "model": model, "p": float(p), "seed": seed, "trial": int(k), "kind": kind,
-        "T": int(max(T)), "prompts": list(prompts), "versions": versions(),
-    }  # fmt: skip
+    n = images_to_use(pixels_h5, spec.num_images)
+    encoder = load_encoder(spec.model, device=spec.device, precision=spec.precision)
+    meta: dict[str, Any] = {**spec.meta(), "T": spec.passes, "prompts": list(prompts), "versions": versions()}
     try:
         txt = tg.text_features(encoder, list(prompts), "{}")
         names = amb.load_class_names(class_names)
@@ -167,19 +155,19 @@ def semantic_trial(
         return
     basis = text_basis(txt)
     unit = txt / np.linalg.norm(txt, axis=1, keepdims=True)
-    collector = SemanticCollector(n, int(max(T)), basis, unit)
+    collector = SemanticCollector(n, spec.passes, basis, unit)
     result = run_trial(
         encoder,
-        prefetch_batches(pixels_h5, batch_size, indices=range(n), device=encoder.device),
-        p=float(p),
-        seed=seed,
-        trial=int(k),
-        T_list=[int(max(T))],
-        kind=kind,
+        prefetch_batches(pixels_h5, spec.batch_size, indices=range(n), device=encoder.device),
+        p=spec.p,
+        seed=spec.seed,
+        trial=spec.k,
+        T_list=[spec.passes],
+        kind=spec.kind,
         on_pass=collector.on_pass,
     )
     arrays = collector.result()
-    ids, feats = tg.deterministic_features(encoder, pixels_h5, batch_size, n)
+    ids, feats = tg.deterministic_features(encoder, pixels_h5, spec.batch_size, n)
     if ids != result.image_id:
         raise ValueError(f"{pixels_h5}: image order differs between the MC passes and the deterministic pass")
     kind_ = "sigmoid" if encoder.logit_bias is not None else "softmax"
@@ -200,7 +188,7 @@ def semantic_trial(
         prompt_template=prompt_template,
     )
     save_semantic(out, ids, arrays, meta)
-    log.info("%s trial %s: basis rank %d of D=%d", model, k, basis.shape[1], feats.shape[1])
+    log.info("%s trial %s: basis rank %d of D=%d", spec.model, spec.k, basis.shape[1], feats.shape[1])
 
 
 def read_pixel_ids(pixels_h5: PathLike) -> list[str]:
