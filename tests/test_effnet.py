@@ -218,3 +218,71 @@ def test_exp5_uses_the_classifier_head(tmp_path):
     table = pd.read_csv(tmp_path / "per_image.tsv", sep="\t")
     assert table.loc[1, "top1"] == "espresso"
     assert np.isfinite(summary["rho_uncertainty_vs_entropy"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_head_logits_of_the_features_equal_logits_of_the_pixels(photos, precision):
+    """head_logits on encode_image's float32 (or a float64 copy) is logits() without a second backbone pass."""
+    enc = load_encoder("effnet_lite0", precision=precision)
+    feats = enc.encode_image(photos)
+    want = enc.logits(photos)
+    assert torch.equal(enc.head_logits(feats), want)
+    assert torch.equal(enc.head_logits(feats.double().numpy()), want)
+    with pytest.raises(ClassifierUnavailable, match="tiny_clip"):
+        load_encoder("tiny_clip").head_logits(np.zeros((1, 8), dtype=np.float32))
+
+
+def test_exp7_scores_a_classifier_against_its_own_head(tmp_path):
+    """exp7 on effnet_lite0: the targets are margin and entropy of its head's softmax on the clean
+    images (prompt-free, as exp5), and the summary says so."""
+    from scipy.special import softmax
+
+    from vlmrel.images import build_manifest, list_images
+    from vlmrel.mcdo import aleatoric
+    from vlmrel.mcdo.laplace import load_scores
+    from vlmrel.pixels import iter_manifest_images, resize_to_spec
+
+    names = ("chelsea", "coffee", "astronaut")
+    root = tmp_path / "images"
+    root.mkdir()
+    for n in names:
+        Image.fromarray(getattr(data, n)()).convert("RGB").save(root / f"{n}.png")
+    build_manifest(root, list_images(root), tmp_path / "manifest.tsv")
+    out = tmp_path / "aleatoric.npz"
+    aleatoric.score_job(
+        tmp_path / "manifest.tsv", root, out, model="effnet_lite0", versions=["clean", "blur2"], num_images=None,
+        class_names="demo", prompt_template="a photo of a {}.", seed=0, precision="fp32", batch_size=4,
+        device="cpu",
+    )  # fmt: skip
+    ids, arrays, meta = load_scores(out)
+    assert meta["targets"] is True and meta["target_source"] == aleatoric.HEAD_TARGETS
+    assert "prompt_sensitivity" not in arrays
+    enc = load_encoder("effnet_lite0")
+    spec = preprocess_spec("effnet_lite0")
+    ref_ids, images = iter_manifest_images(tmp_path / "manifest.tsv", root)
+    clean = np.stack(
+        [np.asarray(resize_to_spec(img, spec), dtype=np.uint8).transpose(2, 0, 1) for img in images]
+    )
+    probs = softmax(enc.logits(clean).double().numpy(), axis=1)
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    assert ids == ref_ids
+    np.testing.assert_allclose(arrays["margin"], top2[:, 1] - top2[:, 0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(arrays["entropy"], -(probs * np.log(probs)).sum(axis=1), rtol=1e-6, atol=1e-9)
+    # the summary judges each score against the head's targets and names the source
+    trial_paths = []
+    px = tmp_path / "px.h5"
+    write_pixel_images(
+        ref_ids, (Image.fromarray(getattr(data, n)()) for n in sorted(names)), spec, px, progress=False
+    )
+    for k in range(2):
+        trial_paths.append(tmp_path / f"trial{k}.npz")
+        kw = dict(exp="exp7", model="effnet_lite0", kind="output", p=0.02, seed=0, T=[3])
+        pipeline.trial(
+            px, trial_paths[-1], TrialSpec(k=k, precision="fp32", batch_size=4, device="cpu", **kw)
+        )
+    summary = aleatoric.aleatoric_summary(trial_paths, out, quantile=0.34)
+    assert summary["target_source"] == aleatoric.HEAD_TARGETS
+    assert {"rho_neg_margin", "rho_entropy"} <= set(summary["vs_targets"]["epistemic"])
+    assert "rho_prompt_sensitivity" not in summary["vs_targets"]["epistemic"]
+    aleatoric.aleatoric_figure(summary, trial_paths, out, tmp_path / "exp7.png", "effnet_lite0", dpi=60)
+    assert (tmp_path / "exp7.png").read_bytes()[:4] == b"\x89PNG"

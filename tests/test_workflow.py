@@ -480,6 +480,11 @@ def test_demo_runs_phase3_forced(demo_run):
         assert np.isnan(z["laplace_entropy"][fit]).all() and np.isfinite(z["laplace_entropy"][~fit]).all()
     exp7 = json.loads((res / "mcdo/exp7/tiny_clip/summary.json").read_text())
     assert set(exp7["ablation"]) == set(mcdo["exp7"]["ablation"])
+    assert exp7["target_source"] == "zero-shot" and "rho_prompt_sensitivity" in exp7["vs_targets"]["epistemic"]
+    assert "effnet_lite0" in mcdo["exp7"]["models"]  # the trained network: targets from its own head
+    head = json.loads((res / "mcdo/exp7/effnet_lite0/summary.json").read_text())
+    assert head["target_source"] == "classifier head" and set(head["ablation"]) == set(mcdo["exp7"]["ablation"])
+    assert "rho_prompt_sensitivity" not in head["vs_targets"]["epistemic"]
     exp8 = json.loads((res / "mcdo/exp8/tiny_clip/summary.json").read_text())
     assert len(exp8["top_uncertain"]) == min(20, exp8["n_images"])
     exp9 = json.loads((res / "mcdo/exp9/summary.json").read_text())

@@ -494,14 +494,32 @@ class Encoder:
         """
         import torch
 
+        head = self._head()
+        x = self.prepare(pixels)
+        with torch.no_grad():
+            out = head(_as_tensor(self._image_fn(x)))
+        return out.float()
+
+    def head_logits(self, features: Any) -> torch.Tensor:
+        """Class logits ``[B, C]`` of the classifier head on features ``encode_image`` returned.
+
+        The features are cast back to the model's dtype first; ``encode_image``'s float32 (or a
+        float64 copy of it) holds a bf16 or fp32 feature exactly, so this equals :meth:`logits`
+        of the same pixels bit for bit, without a second pass of the backbone.
+        """
+        import torch
+
+        head = self._head()
+        x = torch.as_tensor(features).to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            return head(x).float()
+
+    def _head(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self._head_fn is None:
             raise ClassifierUnavailable(
                 f"model {self.name!r} has no classifier head (a CLIP / SigLIP encoder: use its text tower)"
             )
-        x = self.prepare(pixels)
-        with torch.no_grad():
-            out = self._head_fn(_as_tensor(self._image_fn(x)))
-        return out.float()
+        return self._head_fn
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Text features ``[M, D]`` before L2 normalisation, as float32."""

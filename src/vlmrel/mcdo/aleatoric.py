@@ -19,7 +19,10 @@ crop cannot cut an occluder away (the seed occluded before the crop). A version 
 - combined = z(aleatoric) + z(epistemic) (z-scores over the images, ddof 1). The seed's product of
   z-scores is dropped: it is high when both scores are low.
 
-Each is judged against exp5's ambiguity targets (:mod:`vlmrel.mcdo.targets`).
+Each is judged against exp5's ambiguity targets (:mod:`vlmrel.mcdo.targets`) of the clean
+images: for a CLIP / SigLIP model its zero-shot classifier's margin, entropy and prompt
+sensitivity; for a classifier (``effnet_lite0``) the margin and entropy of its own head's softmax,
+as exp5 (no prompt, so no prompt sensitivity). The summary's ``target_source`` says which.
 
 **Degradation ablation** (the seed author's protocol): the MC-dropout trace of each image degraded by
 each ``ablation`` version (blur radius 5 and 15, down-up x4 and x8 by default) against the trace of
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 _VERSION = re.compile(r"^(clean|jpeg(\d+)|blur(\d+(?:\.\d+)?)|occlude(\d+(?:\.\d+)?)|down(\d+))$")
 #: degradation families of the ablation figure, with the severity of the clean image
 FAMILIES = {"blur": 0.0, "down": 1.0, "jpeg": 100.0, "occlude": 0.0}
+#: Where the ambiguity targets come from: a CLIP / SigLIP model's zero-shot classifier over
+#: ``class_names`` (prompt sensitivity included), or a classifier's own head (exp5's choice).
+ZERO_SHOT_TARGETS = "zero-shot"
+HEAD_TARGETS = "classifier head"
 
 
 def parse_version(name: str) -> tuple[str, float]:
@@ -185,6 +192,7 @@ def score_job(
     from vlmrel.mcdo.laplace import save_scores
     from vlmrel.models import load_encoder, preprocess_spec
     from vlmrel.pixels import image_array, iter_manifest_images
+    from vlmrel.stats import softmax
 
     versions = ["clean", *[v for v in versions if v != "clean"]]
     for v in versions:
@@ -221,13 +229,18 @@ def score_job(
         "cosine_to_clean": np.einsum("nvd,nd->nv", unit, unit[:, 0]),
     }
     meta: dict[str, Any] = {"model": model, "versions": versions, "seed": seed}
-    names = amb.load_class_names(class_names)
-    try:
-        _, targets = tg.zero_shot_targets(encoder, feats[:, 0], names, prompt_template)
-        arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in targets.items()})
-        meta["targets"] = True
-    except tg.TextTowerSkipped as exc:
-        meta.update(targets=False, reason=str(exc))
+    if encoder.has_classifier:  # its own head on the clean features, as exp5 (prompt-free)
+        probs = softmax(encoder.head_logits(feats[:, 0]).double().cpu().numpy())
+        arrays.update(margin=amb.margin(probs), entropy=amb.entropy(probs))
+        meta.update(targets=True, target_source=HEAD_TARGETS)
+    else:
+        names = amb.load_class_names(class_names)
+        try:
+            _, targets = tg.zero_shot_targets(encoder, feats[:, 0], names, prompt_template)
+            arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in targets.items()})
+            meta.update(targets=True, target_source=ZERO_SHOT_TARGETS)
+        except tg.TextTowerSkipped as exc:
+            meta.update(targets=False, reason=str(exc))
     save_scores(out, ids, arrays, meta)
 
 
@@ -295,7 +308,8 @@ def aleatoric_summary(
         "ablation": {v: ablation_stats(epistemic, s.mean(axis=0)) for v, s in versions.items()},
     }
     if meta.get("targets"):
-        targets = {t: arrays[t] for t in ("margin", "entropy", "prompt_sensitivity")}
+        targets = {t: arrays[t] for t in ("margin", "entropy", "prompt_sensitivity") if t in arrays}
+        out["target_source"] = meta.get("target_source", ZERO_SHOT_TARGETS)
         out["vs_targets"] = {
             name: score_vs_targets(s, targets, quantile)
             for name, s in (("aleatoric", aleatoric), ("epistemic", epistemic), ("combined", combined))
@@ -337,7 +351,7 @@ def aleatoric_figure(
 
     _, arrays, _ = load_scores(scores_path)
     _, natural, _ = _split(trial_paths)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     axes[0].scatter(natural.mean(axis=0), arrays["aleatoric_pre"], s=10)
     axes[0].set_xlabel("epistemic: MC trace/D (clean)")
     axes[0].set_ylabel("aleatoric: variance across versions")
@@ -346,9 +360,13 @@ def aleatoric_figure(
     vt = summary.get("vs_targets")
     if vt:
         keys = [
-            ("rho_neg_margin", "−margin"),
-            ("rho_entropy", "entropy"),
-            ("rho_prompt_sensitivity", "prompt sens."),
+            (key, label)
+            for key, label in (
+                ("rho_neg_margin", "−margin"),
+                ("rho_entropy", "entropy"),
+                ("rho_prompt_sensitivity", "prompt sens."),
+            )
+            if key in vt["epistemic"]  # a classifier's own head has no prompt sensitivity
         ]
         x = np.arange(len(keys))
         for j, name in enumerate(("aleatoric", "epistemic", "combined")):
@@ -357,15 +375,17 @@ def aleatoric_figure(
         axes[1].set_xticks(x, [lbl for _, lbl in keys])
         axes[1].axhline(0, color="k", lw=0.5)
         axes[1].legend(fontsize=8)
-        axes[1].set_title("Spearman ρ against ambiguity")
+        axes[1].set_title(f"Spearman ρ against ambiguity ({summary.get('target_source', 'zero-shot')})")
     else:
         axes[1].text(0.5, 0.5, "no text tower: no ambiguity targets", ha="center")
-    for family, pts in severity_curves(trial_paths).items():
+    curves = severity_curves(trial_paths)
+    for family, pts in curves.items():
         sev, mean, se = map(np.asarray, zip(*pts, strict=True))
         axes[2].errorbar(sev, mean, yerr=se, marker="o", capsize=3, label=family)
     axes[2].set_xlabel("severity (blur radius px / down-sampling factor)")
     axes[2].set_ylabel("MC trace/D (mean ± s.e.)")
-    axes[2].legend()
+    if curves:
+        axes[2].legend()
     abl = summary["ablation"]
     axes[2].text(
         0.02,
@@ -379,7 +399,5 @@ def aleatoric_figure(
         fontsize=7,
     )
     axes[2].set_title("degradation ablation")
-    fig.suptitle(
-        f"exp7 {model}: aleatoric vs epistemic (n={summary['n_images']}, K={summary['n_trials']})", y=1.03
-    )
+    fig.suptitle(f"exp7 {model}: aleatoric vs epistemic (n={summary['n_images']}, K={summary['n_trials']})")
     save_figure(fig, out, dpi=dpi)
