@@ -375,7 +375,7 @@ def aleatoric_figure(
         axes[1].set_xticks(x, [lbl for _, lbl in keys])
         axes[1].axhline(0, color="k", lw=0.5)
         axes[1].legend(fontsize=8)
-        axes[1].set_title(f"Spearman ρ against ambiguity ({summary.get('target_source', 'zero-shot')})")
+        axes[1].set_title(f"Spearman ρ against ambiguity ({summary.get('target_source', ZERO_SHOT_TARGETS)})")
     else:
         axes[1].text(0.5, 0.5, "no text tower: no ambiguity targets", ha="center")
     curves = severity_curves(trial_paths)
