@@ -104,15 +104,7 @@ class ResponseCache:
 
     # -- chat responses ------------------------------------------------------------------
     def get(self, key: str) -> CachedResponse | None:
-        row = self._db.execute(
-            "SELECT key, status, text, parsed, failure_kind, error, latency_s, endpoint, attempts "
-            "FROM responses WHERE key = ?",
-            (key,),
-        ).fetchone()
-        if row is None:
-            return None
-        parsed = json.loads(row[3]) if row[3] is not None else None
-        return CachedResponse(row[0], row[1], row[2], parsed, row[4], row[5], row[6], row[7], row[8])
+        return self.get_many([key]).get(key)
 
     def get_many(self, keys: list[str]) -> dict[str, CachedResponse]:
         """The rows of those of ``keys`` present, by key (one query per 500 keys)."""

@@ -28,6 +28,9 @@ from ..config import SIM_FAULTS, SimulatorConfig, VLMConfig
 from .answers import _seed_of, _violate, answer_chat, embed_texts
 from .registry import SIM_VERSION, Registry
 
+#: faults answered with their HTTP status (``http_503`` -> 503) instead of an answer
+_STATUS_FAULTS = frozenset(f for f in SIM_FAULTS if f.startswith("http_"))
+
 
 # -- server --------------------------------------------------------------------------------
 class _Shared:
@@ -221,6 +224,14 @@ def _make_handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
             with contextlib.suppress(OSError):
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+        def _hang_up(self) -> None:
+            """End the request without an answer (the client left, the server stops, or a
+            simulated hang ran out): counted as ``disconnected``; the connection is closed."""
+            self._sent = True
+            sim._leave()
+            sim._count("disconnected")
+            self.close_connection = True
+
         def _disconnected(self) -> bool:
             try:
                 r, _, _ = select.select([self.connection], [], [], 0)
@@ -360,9 +371,7 @@ def _make_handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                 else:
                     while not sim._slots.acquire(timeout=0.02):
                         if self._disconnected() or sim._stopping.is_set():
-                            sim._leave()
-                            sim._count("disconnected")
-                            self.close_connection = True
+                            self._hang_up()
                             return
             sim._processing(+1)
             started = time.monotonic()
@@ -404,14 +413,11 @@ def _make_handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
             )
             if fault == "timeout":
                 self._wait(cfg.hang_s, started)
-                self._sent = True
-                sim._leave()
-                sim._count("disconnected")
-                self.close_connection = True
+                self._hang_up()
                 return
             payload: dict[str, Any] | None = None
             bad: str | None = None
-            if fault not in ("http_429", "http_500", "http_503", "http_400"):
+            if fault not in _STATUS_FAULTS:
                 try:
                     if what == "embed":
                         payload = self._embed(api, body)
@@ -420,12 +426,9 @@ def _make_handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                 except _BadRequest as exc:
                     bad = str(exc)
             if not self._wait(latency, started):
-                self._sent = True
-                sim._leave()
-                sim._count("disconnected")
-                self.close_connection = True
+                self._hang_up()
                 return
-            if fault in ("http_429", "http_500", "http_503", "http_400"):
+            if fault in _STATUS_FAULTS:
                 status = int(fault[-3:])
                 self._error(status, f"simulated fault {fault}", api)
                 return
