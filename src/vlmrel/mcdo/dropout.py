@@ -319,13 +319,17 @@ def _dropout(x: torch.Tensor, p: float, generator: torch.Generator, *, inplace: 
     for bit (the same scalar multiply; a non-contiguous ``x`` falls back to the copy, since the
     positions index the row-major order).
     """
-    idx = _positions(x.numel(), p, generator, x.device)
     # a Python-float scalar multiplies bf16/fp16 in float32 (opmath), so 1/(1-p) is not rounded
     if inplace and x.is_contiguous():
         y = x.mul_(1.0 / (1.0 - p))
     else:
         y = x.mul(1.0 / (1.0 - p)).contiguous()
-    y.view(-1).index_fill_(0, idx, 0)
+    return _zero_dropped(y, p, generator)
+
+
+def _zero_dropped(y: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Zero, in place, the elements of contiguous ``y`` that the mask stream drops; ``y``."""
+    y.view(-1).index_fill_(0, _positions(y.numel(), p, generator, y.device), 0)
     return y
 
 
@@ -351,10 +355,7 @@ def _linear_dropout(
     in every dtype.
     """
     if x.dtype in _LOW_PRECISION and bias is not None and x.dim() >= 2 and p > 0.0:
-        y = _scaled_linear(x, weight, bias, 1.0 / (1.0 - p))
-        idx = _positions(y.numel(), p, generator, y.device)
-        y.view(-1).index_fill_(0, idx, 0)
-        return y
+        return _zero_dropped(_scaled_linear(x, weight, bias, 1.0 / (1.0 - p)), p, generator)
     return _dropout(F.linear(x, weight, bias), p, generator, inplace=True)
 
 
@@ -398,8 +399,9 @@ class Injection:
         self._active = None if active is None else set(active)
         self._patched: list[nn.Module] = []
 
-    def rate(self, target: str) -> float:
-        """The dropout rate at ``target``: its own rate (exp11's layer-wise rates), else ``p``."""
+    def rate(self, target: str | None) -> float:
+        """The dropout rate at ``target``: its own rate (exp11's layer-wise rates), else ``p``
+        (also for ``None``, a site without a target name)."""
         return self.rates.get(target, self.p)
 
     def any_active(self) -> bool:
@@ -414,25 +416,23 @@ class Injection:
             self.calls[key] = 0
 
     def noise_input(self, x: torch.Tensor, target: str | None = None) -> torch.Tensor:
-        p = self.p if target is None else self.rate(target)
+        p = self.rate(target)
         if self.kind == "gaussian":
             return _gaussian(x, p, self.generator)
         return _dropout(x, p, self.generator)
 
     def noise_weight(self, w: torch.Tensor, target: str | None = None) -> torch.Tensor:
-        return _dropout(w, self.p if target is None else self.rate(target), self.generator)
+        return _dropout(w, self.rate(target), self.generator)
 
     def noise_output(self, y: torch.Tensor, target: str | None = None) -> torch.Tensor:
         """Inverted dropout of a linear map's output ``y``, in place (``y`` must be fresh)."""
-        return _dropout(y, self.p if target is None else self.rate(target), self.generator, inplace=True)
+        return _dropout(y, self.rate(target), self.generator, inplace=True)
 
     def linear_output(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: str | None = None
     ) -> torch.Tensor:
         """``noise_output(F.linear(x, weight, bias))``, the scale folded into the GEMM in bf16."""
-        return _linear_dropout(
-            x, weight, bias, self.p if target is None else self.rate(target), self.generator
-        )
+        return _linear_dropout(x, weight, bias, self.rate(target), self.generator)
 
     def remove(self) -> None:
         """Restore every patched module's own forward."""
