@@ -25,15 +25,15 @@ vlmrel's sustained rate against the best burst, so contention lowers it).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import platform
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from vlmrel.bench import loadavg
 
 
 def vit_flops_per_image(
@@ -115,13 +115,6 @@ def check_device(device: str) -> str | None:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)"
     return None
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     peak_n = args.peak_n or (8192 if torch.device(device).type == "cuda" else 2048)
     started = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     spec = ModelSpec(
         name="vitb32_random",
         backend="open_clip",
@@ -252,55 +245,30 @@ def main(argv: list[str] | None = None) -> int:
     bf16.encode_image(warm)
     peaks = {d: [matmul_peak(d, n=peak_n, device=device)] for d in ("float32", "bfloat16")}
 
-    def timed(fn: Any) -> tuple[Any, float]:
+    def timed(fn: Any, *fn_args: Any) -> tuple[Any, float]:
         synchronize(device)
         t0 = time.perf_counter()
-        result = fn()
+        result = fn(*fn_args)
         synchronize(device)
         return result, time.perf_counter() - t0
 
-    ref_trace, ref_s = timed(
-        functools.partial(reference_loop, fp32, batches, args.p, args.seed, T, args.kind)
-    )
+    def trial(encoder: Any, T_list: list[int], kind: str) -> Any:
+        """vlmrel's trial on the bench's images, masks and rate (the same for every encoder)."""
+        return run_trial(
+            encoder, batches, p=args.p, seed=args.seed, trial=0, T_list=T_list, kind=kind, progress=False
+        )
+
+    ref_trace, ref_s = timed(reference_loop, fp32, batches, args.p, args.seed, T, args.kind)
     del fp32
 
     t64 = max(2, min(args.fp64_passes, T))
-    res, ours_s = timed(
-        lambda: run_trial(
-            bf16,
-            batches,
-            p=args.p,
-            seed=args.seed,
-            trial=0,
-            T_list=sorted({t64, T}),
-            kind=args.kind,
-            progress=False,
-        )
-    )
-    other_s = {}
-    for kind in also:
-        _, other_s[kind] = timed(
-            lambda kind=kind: run_trial(
-                bf16, batches, p=args.p, seed=args.seed, trial=0, T_list=[T], kind=kind, progress=False
-            )
-        )
+    res, ours_s = timed(trial, bf16, sorted({t64, T}), args.kind)
+    other_s = {kind: timed(trial, bf16, [T], kind)[1] for kind in also}
 
     out: dict[str, Any] = {}
     if not args.no_fp64:
         fp64 = load_encoder(spec, device=device, precision="fp64")
-        ref64, fp64_s = timed(
-            functools.partial(
-                run_trial,
-                fp64,
-                batches,
-                p=args.p,
-                seed=args.seed,
-                trial=0,
-                T_list=[t64],
-                kind=args.kind,
-                progress=False,
-            )
-        )
+        ref64, fp64_s = timed(trial, fp64, [t64], args.kind)
         del fp64
         out["fp64_seconds"] = round(fp64_s, 2)
         out["fp64_passes"] = t64
@@ -356,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "loadavg": {"before": load_before, "after": _loadavg()},
+            "loadavg": {"before": load_before, "after": loadavg()},
             "total_seconds": round(time.perf_counter() - started, 1),
         }
     )

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmrel.bench import loadavg
+
 #: ImageNet-like (width, height) sizes: most ImageNet val photos are 500 px on the long side.
 PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (640, 480), (333, 500), (500, 281), (400, 300))
 BENCH_MODEL = "scale_tiny_clip224"
@@ -158,7 +160,7 @@ def run_one(
                 precision="fp32",
                 batch_size=batch_size,
                 device="cpu",
-            ),  # fmt: skip
+            ),
         ),
     )
     seconds = {k: v[0] for k, v in timed.items()}
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "repeats": args.repeats,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "load_average": list(os.getloadavg()),
+        "load_average": loadavg(),
     }
     if args.json:
         print(json.dumps(out))
